@@ -1,0 +1,127 @@
+"""The server process: start listening, load models, serve, drain on signal.
+
+Order matters for orchestrators. The gRPC port opens first, so liveness
+succeeds while models load and readiness (ServerReady, grpc.health.v1) turns
+true only once loading is done. On SIGTERM or SIGINT, readiness and health go
+NOT_SERVING at once, new inference requests get UNAVAILABLE, in-flight ones
+finish (up to the grace period), then the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health, health_pb2
+
+from .errors import StartupError
+from .grpc_api.server import build_grpc_server
+from .grpc_api.servicer import SERVICE_NAME, InferenceServicer, ServerState
+from .metrics import MetricsEndpoint
+from .repository import ModelRegistry
+from .runtime import available_providers, runtime_version
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# After draining, calls still open (health watches, stragglers) get this long.
+FINAL_STOP_SECONDS = 1.0
+
+
+class InferenceServer:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.registry = ModelRegistry(settings)
+        self.state = ServerState(self.registry, settings.strict_readiness)
+        self.health = health.aio.HealthServicer()
+        self.metrics = MetricsEndpoint(self.registry)
+        self.grpc_port = 0
+        self.metrics_port = 0
+        self._server: grpc.aio.Server | None = None
+        self._loading: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Listen on both ports; model loading continues in the background."""
+        if not self.registry.root.is_dir():
+            raise StartupError(f"model repository {self.registry.root} is not a folder")
+        servicer = InferenceServicer(self.registry, self.state)
+        server, self.grpc_port = build_grpc_server(self.settings, servicer, self.health)
+        self._server = server
+        await self._set_overall_health(NOT_SERVING)
+        await server.start()
+        log.info("gRPC server listening on %s:%d", self.settings.grpc_host, self.grpc_port)
+        if self.settings.metrics_port >= 0:
+            self.metrics_port = self.metrics.start(
+                self.settings.metrics_host, self.settings.metrics_port
+            )
+            log.info(
+                "metrics endpoint listening on http://%s:%d/metrics",
+                self.settings.metrics_host,
+                self.metrics_port,
+            )
+        log.info(
+            "onnxruntime %s, providers: %s; loading models from %s",
+            runtime_version(),
+            ", ".join(available_providers()),
+            self.registry.root,
+        )
+        self._loading = asyncio.create_task(self._load_models())
+
+    async def wait_until_loaded(self) -> None:
+        if self._loading is not None:
+            await asyncio.shield(self._loading)
+
+    async def _load_models(self) -> None:
+        try:
+            await self.registry.load_all()
+        except Exception:
+            log.exception("loading the model repository failed")
+            self.registry.loading_done = True
+            raise
+        for name in self.registry.records:
+            status = SERVING if self.registry.is_ready(name) else NOT_SERVING
+            await self.health.set(name, status)
+        await self._set_overall_health(SERVING if self.state.ready else NOT_SERVING)
+        entries = self.registry.index(ready_only=False)
+        ready = sum(1 for entry in entries if entry.state == "READY")
+        log.info("server ready: %d of %d model versions ready", ready, len(entries))
+
+    async def _set_overall_health(self, status: int) -> None:
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, status)
+
+    async def stop(self, grace_seconds: float | None = None) -> None:
+        """Drain: refuse new work, let in-flight requests finish, then close."""
+        grace = self.settings.shutdown_grace_seconds if grace_seconds is None else grace_seconds
+        self.state.draining = True
+        await self.health.enter_graceful_shutdown()
+        log.info("shutting down: %d request(s) in flight, grace %.1fs", self.state.in_flight, grace)
+        try:
+            await asyncio.wait_for(self.state.wait_idle(), timeout=grace)
+        except TimeoutError:
+            log.warning(
+                "grace period over with %d request(s) still in flight", self.state.in_flight
+            )
+        if self._loading is not None and not self._loading.done():
+            self._loading.cancel()
+        if self._server is not None:
+            await self._server.stop(FINAL_STOP_SECONDS)
+        self.metrics.stop()
+        self.registry.close()
+        log.info("server stopped")
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGTERM or SIGINT, then drain and return."""
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop_requested.set)
+    server = InferenceServer(settings)
+    await server.start()
+    await stop_requested.wait()
+    await server.stop()

@@ -1,0 +1,102 @@
+"""Command line: `batchwise serve` (also `python -m service serve`).
+
+Flags are generated from the fields of `Settings`, so every setting has a flag,
+an environment variable (BATCHWISE_<NAME>) and a help line, and they cannot
+drift apart. Precedence: flag, then environment variable, then default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import StartupError
+from .logs import configure_logging
+from .settings import Settings, env_name, from_environment
+
+log = logging.getLogger(__name__)
+
+_TYPES: dict[str, Any] = {"int": int, "float": float, "str": str, "Path": Path}
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    for spec in dataclasses.fields(Settings):
+        flag = "--" + spec.name.replace("_", "-")
+        meta = spec.metadata
+        default = (
+            "the embedded models/repository" if spec.name == "model_repository" else spec.default
+        )
+        help_text = f"{meta['help']} [env {env_name(spec.name)}; default {default}]"
+        if spec.type == "bool":
+            parser.add_argument(
+                flag,
+                dest=spec.name,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=help_text,
+            )
+        else:
+            parser.add_argument(
+                flag,
+                dest=spec.name,
+                type=_TYPES[str(spec.type)],
+                default=None,
+                choices=meta["choices"],
+                help=help_text,
+            )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="batchwise",
+        description="Triton-compatible gRPC inference server for ONNX models.",
+    )
+    parser.add_argument("--version", action="version", version=f"batchwise {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = commands.add_parser(
+        "serve",
+        help="serve a model repository over gRPC",
+        description="Serve every model in a Triton-style model repository over the "
+        "inference.GRPCInferenceService protocol, with Prometheus metrics on a second port.",
+    )
+    _add_setting_flags(serve)
+    return parser
+
+
+def settings_from(arguments: argparse.Namespace) -> Settings:
+    values = from_environment()
+    for spec in dataclasses.fields(Settings):
+        given = getattr(arguments, spec.name, None)
+        if given is not None:
+            values[spec.name] = given
+    return Settings(**values)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    arguments = parser.parse_args(argv)
+    try:
+        settings = settings_from(arguments)
+    except ValueError as error:
+        parser.error(str(error))
+    configure_logging(settings.log_level_number)
+    if arguments.command == "serve":
+        from .app import serve  # imports onnxruntime; keep --help fast
+
+        try:
+            asyncio.run(serve(settings))
+        except StartupError as error:
+            log.error("cannot start: %s", error)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""The one error hierarchy of the service.
+
+Every failure a client can cause or observe is a `ServingError` subclass whose
+`status` names the protocol status it maps to. The core raises these and never
+imports grpc; the grpc layer maps `status` to a gRPC code in one place
+(`service.grpc_api.errors`). Anything that is not a `ServingError` is a bug and
+reaches the client as INTERNAL with a generic message.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class Status(enum.Enum):
+    """Protocol-neutral status names; the grpc layer maps them to grpc.StatusCode."""
+
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    NOT_FOUND = "NOT_FOUND"
+    UNAVAILABLE = "UNAVAILABLE"
+    UNIMPLEMENTED = "UNIMPLEMENTED"
+    FAILED_PRECONDITION = "FAILED_PRECONDITION"
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+    CANCELLED = "CANCELLED"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+    INTERNAL = "INTERNAL"
+
+
+class ServingError(Exception):
+    """An error with a message fit for the client and a protocol status."""
+
+    status: Status = Status.INTERNAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidInputError(ServingError):
+    """The request is malformed or does not match the model's signature."""
+
+    status = Status.INVALID_ARGUMENT
+
+
+class ModelNotFoundError(ServingError):
+    """No such model, or no such version of it, in the repository."""
+
+    status = Status.NOT_FOUND
+
+
+class ModelNotReadyError(ServingError):
+    """The model exists but cannot serve now (failed to load, loading, unloading)."""
+
+    status = Status.UNAVAILABLE
+
+
+class UnsupportedError(ServingError):
+    """A protocol feature this server does not implement."""
+
+    status = Status.UNIMPLEMENTED
+
+
+class ServerUnavailableError(ServingError):
+    """The server is not accepting work (starting up, shutting down, overloaded)."""
+
+    status = Status.UNAVAILABLE
+
+
+class ModelExecutionError(ServingError):
+    """onnxruntime failed on a request that passed validation."""
+
+    status = Status.INTERNAL
+
+
+class ModelLoadError(Exception):
+    """A model or version could not be loaded; the message is the reason shown to users.
+
+    Not a ServingError: load failures are reported through readiness and the
+    repository index, not as the status of the request that observes them.
+    """
+
+
+class StartupError(Exception):
+    """The server cannot start (bad repository path, port in use); the process exits 1."""

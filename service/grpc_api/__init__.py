@@ -1,0 +1,1 @@
+"""The gRPC front: protocol messages in, core calls, protocol messages out."""

@@ -1,0 +1,291 @@
+"""inference.GRPCInferenceService: thin handlers over the model registry."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+
+from .. import __version__
+from ..errors import ServerUnavailableError, ServingError, Status
+from ..inference import RequestBuilder
+from ..model_config import PLATFORM
+from ..protocol import grpc_service_pb2 as pb
+from ..repository import ModelRegistry, ModelVersion, parse_version
+from ..statistics import Duration, StatsSnapshot
+from .codec import decode_infer_request, encode_infer_response
+from .errors import GRPC_CODES, INTERNAL_MESSAGE, translate_errors
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "inference.GRPCInferenceService"
+SERVER_NAME = "batchwise"
+# Only what is implemented: perf_analyzer reads `statistics` to decide whether
+# to call ModelStatistics around each measurement window.
+EXTENSIONS = ("model_configuration", "statistics")
+
+
+class ServerState:
+    """Readiness as the protocol and health checks report it."""
+
+    def __init__(self, registry: ModelRegistry, strict: bool) -> None:
+        self._registry = registry
+        self._strict = strict
+        self.draining = False
+        self.in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def request_started(self) -> None:
+        self.in_flight += 1
+        self._idle.clear()
+
+    def request_finished(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Return once no inference request is in flight."""
+        await self._idle.wait()
+
+    @property
+    def ready(self) -> bool:
+        if self.draining or not self._registry.loading_done:
+            return False
+        return self._registry.all_ready() if self._strict else True
+
+    def check_accepting(self) -> None:
+        if self.draining:
+            raise ServerUnavailableError("the server is shutting down")
+        if not self._registry.loading_done:
+            raise ServerUnavailableError("the server is still loading models")
+
+
+def _duration(target: pb.StatisticDuration, source: Duration) -> None:
+    target.count, target.ns = source.count, source.ns
+
+
+def _statistics(version: ModelVersion, snapshot: StatsSnapshot) -> pb.ModelStatistics:
+    stats = pb.ModelStatistics(
+        name=version.name,
+        version=str(version.version),
+        last_inference=snapshot.last_inference_ms,
+        inference_count=snapshot.inference_count,
+        execution_count=snapshot.execution_count,
+    )
+    infer = stats.inference_stats
+    for name in ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output"):
+        _duration(getattr(infer, name), getattr(snapshot, name))
+    for size, batch in sorted(snapshot.batches.items()):
+        entry = stats.batch_stats.add(batch_size=size)
+        _duration(entry.compute_input, batch.compute_input)
+        _duration(entry.compute_infer, batch.compute_infer)
+        _duration(entry.compute_output, batch.compute_output)
+    return stats
+
+
+class InferenceServicer:
+    def __init__(self, registry: ModelRegistry, state: ServerState) -> None:
+        self._registry = registry
+        self._state = state
+
+    # ------------------------------------------------------------- health ---
+
+    @translate_errors
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest, context: Any
+    ) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    @translate_errors
+    async def ServerReady(
+        self, request: pb.ServerReadyRequest, context: Any
+    ) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self._state.ready)
+
+    @translate_errors
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, context: Any
+    ) -> pb.ModelReadyResponse:
+        ready = not self._state.draining and self._registry.is_ready(request.name, request.version)
+        return pb.ModelReadyResponse(ready=ready)
+
+    # ----------------------------------------------------------- metadata ---
+
+    @translate_errors
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: Any
+    ) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(
+            name=SERVER_NAME, version=__version__, extensions=list(EXTENSIONS)
+        )
+
+    @translate_errors
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: Any
+    ) -> pb.ModelMetadataResponse:
+        version = self._registry.resolve(request.name, request.version)
+        record = self._registry.record(request.name)
+        signature = version.signature
+        response = pb.ModelMetadataResponse(
+            name=version.name,
+            versions=[str(v.version) for v in record.ready_versions()],
+            platform=PLATFORM,
+        )
+        for spec in signature.inputs:
+            response.inputs.add(
+                name=spec.name,
+                datatype=spec.datatype.name,
+                shape=spec.client_shape(signature.batching),
+            )
+        for spec in signature.outputs:
+            response.outputs.add(
+                name=spec.name,
+                datatype=spec.datatype.name,
+                shape=spec.client_shape(signature.batching),
+            )
+        return response
+
+    @translate_errors
+    async def ModelConfig(
+        self, request: pb.ModelConfigRequest, context: Any
+    ) -> pb.ModelConfigResponse:
+        version = self._registry.resolve(request.name, request.version)
+        response = pb.ModelConfigResponse()
+        response.config.CopyFrom(version.config)
+        return response
+
+    @translate_errors
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: Any
+    ) -> pb.ModelStatisticsResponse:
+        if request.name:
+            record = self._registry.record(request.name)
+            if request.version:
+                versions = [self._registry.resolve(request.name, request.version)]
+            else:
+                versions = record.ready_versions()
+        else:
+            if request.version:
+                parse_version(request.version)  # a bad version is still a client mistake
+            versions = list(self._registry.loaded_versions())
+        response = pb.ModelStatisticsResponse()
+        for version in versions:
+            response.model_stats.append(_statistics(version, version.stats.snapshot()))
+        return response
+
+    @translate_errors
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: Any
+    ) -> pb.RepositoryIndexResponse:
+        response = pb.RepositoryIndexResponse()
+        for entry in self._registry.index(ready_only=request.ready):
+            response.models.add(
+                name=entry.name, version=entry.version, state=entry.state, reason=entry.reason
+            )
+        return response
+
+    # ---------------------------------------------------------- inference ---
+
+    async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        received = time.perf_counter_ns()
+        self._state.check_accepting()
+        self._state.request_started()
+        try:
+            return await self._infer_admitted(request, received)
+        finally:
+            self._state.request_finished()
+
+    async def _infer_admitted(
+        self, request: pb.ModelInferRequest, received: int
+    ) -> pb.ModelInferResponse:
+        version = self._registry.resolve(request.model_name, request.model_version)
+        try:
+            core_request = decode_infer_request(
+                request, RequestBuilder(version.signature, version.label), received
+            )
+        except ServingError as error:
+            version.record_failure(received, error.status)
+            raise
+        result = await version.infer(core_request)
+        return encode_infer_response(version.name, version.version, request.id, result)
+
+    @translate_errors
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: Any
+    ) -> pb.ModelInferResponse:
+        return await self._infer(request)
+
+    async def ModelStreamInfer(
+        self, requests: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
+    ) -> None:
+        """Requests on one stream run concurrently; each response or error is written as it ends.
+
+        A failed request is reported in its response's error_message and the
+        stream carries on, as Triton does.
+        """
+        write_lock = asyncio.Lock()
+        pending: set[asyncio.Task[None]] = set()
+
+        async def serve_one(request: pb.ModelInferRequest) -> None:
+            try:
+                reply = pb.ModelStreamInferResponse(infer_response=await self._infer(request))
+            except ServingError as error:
+                reply = self._stream_error(request, error.message)
+            except Exception:
+                log.exception("unexpected error in ModelStreamInfer")
+                reply = self._stream_error(request, INTERNAL_MESSAGE)
+            async with write_lock:
+                await context.write(reply)
+
+        async for request in requests:
+            task = asyncio.create_task(serve_one(request))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+        if pending:
+            await asyncio.gather(*pending)
+
+    @staticmethod
+    def _stream_error(request: pb.ModelInferRequest, message: str) -> pb.ModelStreamInferResponse:
+        reply = pb.ModelStreamInferResponse(error_message=message)
+        reply.infer_response.model_name = request.model_name
+        reply.infer_response.model_version = request.model_version
+        reply.infer_response.id = request.id
+        return reply
+
+
+def unimplemented(method: str) -> Callable[[Any, grpc.aio.ServicerContext], Any]:
+    async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(
+            GRPC_CODES[Status.UNIMPLEMENTED],
+            f"{method} is not supported by this server; ServerMetadata.extensions lists the "
+            "extensions it implements",
+        )
+
+    return handler
+
+
+def rpc_handler(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
+    """Method handlers for every RPC in the service descriptor, implemented or not."""
+    service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    handlers = {}
+    for method in service.methods:
+        request_type = getattr(pb, method.input_type.name)
+        response_type = getattr(pb, method.output_type.name)
+        implementation = getattr(servicer, method.name, None) or unimplemented(method.name)
+        factory = (
+            grpc.stream_stream_rpc_method_handler
+            if method.client_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method.name] = factory(
+            implementation,
+            request_deserializer=request_type.FromString,
+            response_serializer=response_type.SerializeToString,
+        )
+    return grpc.method_handlers_generic_handler(service.full_name, handlers)

@@ -1,0 +1,171 @@
+"""Inference requests in the core's terms, and their validation against a signature.
+
+The grpc codec decodes wire tensors and hands them to `RequestBuilder` one at a
+time; the builder checks each against the model's signature in the order a
+person debugging a client wants: which tensor, then its name, type, shape,
+then its contents. Nothing that fails here reaches onnxruntime.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .datatypes import DataType, format_shape, lookup
+from .errors import InvalidInputError
+from .model_config import ModelSignature, TensorSpec
+
+
+@dataclass
+class InferenceRequest:
+    """A validated request: inputs in the client's shape, ready for execution."""
+
+    request_id: str
+    inputs: dict[str, np.ndarray]
+    outputs: tuple[str, ...]
+    batch_size: int
+    received_ns: int
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    raw: bytes
+
+
+@dataclass(frozen=True)
+class InferenceResult:
+    outputs: tuple[OutputTensor, ...]
+
+
+class RequestBuilder:
+    """Accumulates and checks the tensors of one request for one model version."""
+
+    def __init__(self, signature: ModelSignature, model_label: str) -> None:
+        self._signature = signature
+        self._label = model_label
+        self._inputs: dict[str, np.ndarray] = {}
+        self._batch_size: int | None = None
+        self._batch_source = ""
+
+    def check_input(
+        self, position: int, name: str, datatype: str, shape: list[int]
+    ) -> tuple[TensorSpec, DataType]:
+        """Check an input's name, datatype and shape before its contents are decoded."""
+        if not name:
+            raise InvalidInputError(f"input at position {position} has no name")
+        where = f"input '{name}'"
+        if name in self._inputs:
+            raise InvalidInputError(f"{where} appears more than once in the request")
+        spec = self._signature.input(name)
+        if spec is None:
+            expected = ", ".join(s.name for s in self._signature.inputs)
+            raise InvalidInputError(
+                f"{where} is not an input of {self._label}; its inputs are: {expected}"
+            )
+        given_type = lookup(datatype, where)
+        if given_type is not spec.datatype:
+            raise InvalidInputError(
+                f"{where} has datatype {given_type.name} but {self._label} expects "
+                f"{spec.datatype.name}"
+            )
+        self._check_shape(where, spec, shape)
+        # Reserve the name now so that a duplicate is reported even if decoding fails later.
+        self._inputs[name] = np.empty(0)
+        return spec, given_type
+
+    def _check_shape(self, where: str, spec: TensorSpec, shape: list[int]) -> None:
+        batching = self._signature.batching
+        expected = spec.client_shape(batching)
+        if any(dim < 0 for dim in shape):
+            raise InvalidInputError(
+                f"{where} has shape {format_shape(shape)}; dimensions must not be negative"
+            )
+        if len(shape) != len(expected):
+            raise InvalidInputError(
+                f"{where} has shape {format_shape(shape)} but {self._label} expects "
+                f"{format_shape(expected)} ({len(expected)} dimensions)"
+            )
+        dims = shape
+        if batching:
+            batch = shape[0]
+            if batch < 1 or batch > self._signature.max_batch_size:
+                raise InvalidInputError(
+                    f"{where} has batch size {batch}; {self._label} accepts 1 to "
+                    f"{self._signature.max_batch_size} (max_batch_size)"
+                )
+            if self._batch_size is not None and batch != self._batch_size:
+                raise InvalidInputError(
+                    f"{where} has batch size {batch} but input '{self._batch_source}' has "
+                    f"{self._batch_size}; all inputs must share the batch dimension"
+                )
+            self._batch_size, self._batch_source = batch, spec.name
+            dims = shape[1:]
+        for axis, (given, wanted) in enumerate(zip(dims, spec.dims, strict=True)):
+            if (wanted == -1 and given < 1) or (wanted != -1 and given != wanted):
+                raise InvalidInputError(
+                    f"{where} has shape {format_shape(shape)} but {self._label} expects "
+                    f"{format_shape(expected)}; dimension {axis + (1 if batching else 0)} "
+                    f"must be {'at least 1' if wanted == -1 else wanted}"
+                )
+
+    def accept(self, spec: TensorSpec, array: np.ndarray) -> None:
+        """Store a decoded input, converting BYTES to the text onnxruntime needs."""
+        if spec.datatype.is_bytes:
+            array = _as_text(spec.name, array)
+        self._inputs[spec.name] = array
+
+    def build(
+        self,
+        request_id: str,
+        requested_outputs: list[str],
+        received_ns: int,
+        parameters: dict[str, Any],
+    ) -> InferenceRequest:
+        missing = [
+            s.name for s in self._signature.inputs if s.name not in self._inputs and not s.optional
+        ]
+        if missing:
+            raise InvalidInputError(
+                f"{self._label} needs input(s) {', '.join(repr(m) for m in missing)}, which "
+                "the request does not contain"
+            )
+        outputs = self._check_outputs(requested_outputs)
+        batch = self._batch_size if self._batch_size is not None else 1
+        return InferenceRequest(request_id, self._inputs, outputs, batch, received_ns, parameters)
+
+    def _check_outputs(self, requested: list[str]) -> tuple[str, ...]:
+        if not requested:
+            return tuple(spec.name for spec in self._signature.outputs)
+        seen: set[str] = set()
+        for name in requested:
+            if name in seen:
+                raise InvalidInputError(f"output '{name}' is requested more than once")
+            if self._signature.output(name) is None:
+                expected = ", ".join(s.name for s in self._signature.outputs)
+                raise InvalidInputError(
+                    f"requested output '{name}' is not an output of {self._label}; its outputs "
+                    f"are: {expected}"
+                )
+            seen.add(name)
+        return tuple(requested)
+
+
+def _as_text(name: str, array: np.ndarray) -> np.ndarray:
+    """onnxruntime string tensors hold text; it would mangle arbitrary bytes."""
+    flat = array.reshape(-1)
+    text = np.empty(flat.shape, dtype=object)
+    for index, element in enumerate(flat):
+        try:
+            text[index] = element.decode("utf-8") if isinstance(element, bytes) else str(element)
+        except UnicodeDecodeError:
+            raise InvalidInputError(
+                f"input '{name}' element {index} is not valid UTF-8; the model's string "
+                "tensors hold text"
+            ) from None
+    return text.reshape(array.shape)

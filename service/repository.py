@@ -1,0 +1,384 @@
+"""The model repository on disk and the registry of what has been loaded from it.
+
+A model that fails to load, or one of its versions that fails, is recorded with
+its reason and reported not ready; it never stops the other models. Requests
+resolve a (name, version) pair here to a ready `ModelVersion`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .datatypes import format_shape
+from .errors import (
+    InvalidInputError,
+    ModelLoadError,
+    ModelNotFoundError,
+    ModelNotReadyError,
+    ServingError,
+    Status,
+)
+from .execution import InstancePool, ModelRunner
+from .inference import InferenceRequest, InferenceResult
+from .model_config import (
+    ConfigFile,
+    ModelConfigError,
+    ModelSignature,
+    TensorSpec,
+    complete_config,
+    read_config,
+    validate_config,
+)
+from .protocol import model_config_pb2 as mc
+from .runtime import OnnxSession, available_providers, plan_placement, session_options
+from .settings import Settings
+from .statistics import ModelStats
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.pbtxt"
+DEFAULT_MODEL_FILE = "model.onnx"
+
+
+class VersionState(enum.Enum):
+    LOADING = "LOADING"
+    READY = "READY"
+    UNAVAILABLE = "UNAVAILABLE"
+
+
+class ModelVersion:
+    """A loaded, servable version of a model."""
+
+    def __init__(
+        self,
+        name: str,
+        version: int,
+        config: mc.ModelConfig,
+        signature: ModelSignature,
+        session: OnnxSession,
+        instance_count: int,
+    ) -> None:
+        self.name = name
+        self.version = version
+        self.config = config
+        self.signature = signature
+        self.session = session
+        self.label = f"model '{name}' version {version}"
+        self.stats = ModelStats()
+        self._pool = InstancePool(
+            ModelRunner(session, signature, self.label), instance_count, f"{name}-v{version}"
+        )
+
+    async def infer(self, request: InferenceRequest) -> InferenceResult:
+        """Execute a validated request and account for its outcome."""
+        try:
+            result, timings = await self._pool.run(request)
+        except ServingError as error:
+            self.record_failure(request.received_ns, error.status)
+            raise
+        except asyncio.CancelledError:
+            self.record_failure(request.received_ns, Status.CANCELLED)
+            raise
+        except Exception:
+            self.record_failure(request.received_ns, Status.INTERNAL)
+            raise
+        self.stats.record_execution(request.batch_size, timings)
+        self.stats.record_success(
+            request.batch_size, time.perf_counter_ns() - request.received_ns, timings
+        )
+        return result
+
+    def record_failure(self, received_ns: int, status: Status) -> None:
+        """Count a request that reached this version but failed (validation included)."""
+        self.stats.record_failure(time.perf_counter_ns() - received_ns, status.value)
+
+    def close(self) -> None:
+        self._pool.close()
+
+
+@dataclass
+class VersionRecord:
+    version: int
+    state: VersionState = VersionState.LOADING
+    reason: str = ""
+    loaded: ModelVersion | None = None
+
+
+@dataclass
+class ModelRecord:
+    """What the repository holds under one model name, loaded or not."""
+
+    name: str
+    reason: str = ""  # set when the model as a whole could not be loaded
+    versions: dict[int, VersionRecord] = field(default_factory=dict)
+
+    def ready_versions(self) -> list[ModelVersion]:
+        return [
+            record.loaded
+            for _, record in sorted(self.versions.items())
+            if record.state is VersionState.READY and record.loaded is not None
+        ]
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    name: str
+    version: str
+    state: str
+    reason: str
+
+
+def scan_versions(model_dir: Path) -> list[int]:
+    """Numeric version folders; Triton skips names with a leading zero, and so do we."""
+    versions = []
+    for child in model_dir.iterdir():
+        if child.is_dir() and child.name.isdigit() and not child.name.startswith("0"):
+            versions.append(int(child.name))
+    return sorted(versions)
+
+
+def select_versions(
+    policy: mc.ModelVersionPolicy, present: list[int]
+) -> tuple[list[int], list[int]]:
+    """The versions to serve, and those the policy names that are not on disk."""
+    choice = policy.WhichOneof("policy_choice")
+    if choice == "all":
+        return present, []
+    if choice == "specific":
+        wanted = sorted(set(policy.specific.versions))
+        return [v for v in wanted if v in present], [v for v in wanted if v not in present]
+    count = policy.latest.num_versions if choice == "latest" else 1
+    return present[-max(count, 1) :], []
+
+
+def describe_signature(signature: ModelSignature) -> str:
+    def render(specs: tuple[TensorSpec, ...]) -> str:
+        return ", ".join(
+            f"{s.name} {s.datatype.name} {format_shape(s.client_shape(signature.batching))}"
+            for s in specs
+        )
+
+    return f"inputs: {render(signature.inputs)}; outputs: {render(signature.outputs)}"
+
+
+class ModelRegistry:
+    """Loads every model in a repository and resolves requests to loaded versions."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self.root = Path(settings.model_repository)
+        self.records: dict[str, ModelRecord] = {}
+        self.loading_done = False
+
+    # ------------------------------------------------------------ loading ---
+
+    async def load_all(self) -> None:
+        if not self.root.is_dir():
+            raise ModelLoadError(f"model repository {self.root} is not a folder")
+        names = sorted(
+            child.name
+            for child in self.root.iterdir()
+            if child.is_dir() and not child.name.startswith(".")
+        )
+        if not names:
+            log.warning("model repository %s holds no models", self.root)
+        jobs: list[tuple[ModelRecord, ConfigFile, VersionRecord]] = []
+        for name in names:
+            record = ModelRecord(name)
+            self.records[name] = record
+            try:
+                config_file, versions = self._plan_model(name)
+            except ModelLoadError as error:
+                record.reason = str(error)
+                log.error("model '%s' is not available: %s", name, error)
+                continue
+            for version in versions:
+                version_record = VersionRecord(version)
+                record.versions[version] = version_record
+                jobs.append((record, config_file, version_record))
+        loop = asyncio.get_running_loop()
+        with ThreadPoolExecutor(
+            max_workers=self._settings.model_load_parallelism, thread_name_prefix="model-load"
+        ) as loader:
+            await asyncio.gather(
+                *(
+                    loop.run_in_executor(loader, self._load_version, record, config_file, version)
+                    for record, config_file, version in jobs
+                )
+            )
+        self.loading_done = True
+
+    def _plan_model(self, name: str) -> tuple[ConfigFile, list[int]]:
+        model_dir = self.root / name
+        config_path = model_dir / CONFIG_FILE
+        if config_path.is_file():
+            config_file = read_config(config_path)
+        elif self._settings.auto_complete_config:
+            config_file = ConfigFile(mc.ModelConfig(), max_batch_size_given=False)
+        else:
+            raise ModelConfigError(f"{CONFIG_FILE} is missing and auto-complete is off")
+        present = scan_versions(model_dir)
+        if not present:
+            raise ModelLoadError(
+                "no version folders: expected numeric folders such as "
+                f"{name}/1/{DEFAULT_MODEL_FILE}"
+            )
+        selected, absent = select_versions(config_file.config.version_policy, present)
+        for version in absent:
+            log.warning(
+                "model '%s': version_policy names version %d, which is not on disk", name, version
+            )
+        if not selected:
+            raise ModelLoadError(f"version_policy selects none of the versions on disk ({present})")
+        return config_file, selected
+
+    def _load_version(
+        self, record: ModelRecord, config_file: ConfigFile, target: VersionRecord
+    ) -> None:
+        started = time.perf_counter()
+        try:
+            target.loaded = self._build_version(record.name, target.version, config_file)
+        except ModelLoadError as error:
+            # Clients see the reason in RepositoryIndex: paths relative to the repository.
+            reason = str(error).replace(f"{self.root}/", "")
+            target.state, target.reason = VersionState.UNAVAILABLE, reason
+            log.error(
+                "model '%s' version %d failed to load: %s", record.name, target.version, error
+            )
+            return
+        except Exception as error:  # a bug or an unexpected onnxruntime failure
+            target.state, target.reason = VersionState.UNAVAILABLE, f"unexpected error: {error}"
+            log.exception("model '%s' version %d failed to load", record.name, target.version)
+            return
+        target.state = VersionState.READY
+        loaded = target.loaded
+        log.info(
+            "loaded model '%s' version %d in %.2fs on %s (%s), max_batch_size %d; %s",
+            loaded.name,
+            loaded.version,
+            time.perf_counter() - started,
+            loaded.session.device,
+            loaded.session.provider,
+            loaded.signature.max_batch_size,
+            describe_signature(loaded.signature),
+        )
+
+    def _build_version(self, name: str, version: int, config_file: ConfigFile) -> ModelVersion:
+        model_dir = self.root / name
+        raw = config_file.config
+        filename = raw.default_model_filename or DEFAULT_MODEL_FILE
+        model_path = model_dir / str(version) / filename
+        if model_path.is_dir():  # Triton allows a folder holding the model and external data
+            model_path = model_path / DEFAULT_MODEL_FILE
+        if not model_path.is_file():
+            raise ModelLoadError(f"{version}/{filename} was not found")
+        placement = plan_placement(raw, available_providers())
+        session = OnnxSession(model_path, session_options(raw, model_dir), placement)
+        if self._settings.auto_complete_config:
+            config = complete_config(
+                config_file, session.graph, name, self._settings.default_max_batch_size
+            )
+        else:
+            config = mc.ModelConfig()
+            config.CopyFrom(raw)
+        signature = validate_config(config, session.graph, name)
+        return ModelVersion(
+            name,
+            version,
+            config,
+            signature,
+            session,
+            plan_placement(config, available_providers()).instance_count,
+        )
+
+    # ---------------------------------------------------------- resolving ---
+
+    def record(self, name: str) -> ModelRecord:
+        if not name:
+            raise InvalidInputError("model name is empty")
+        record = self.records.get(name)
+        if record is None:
+            known = sorted(self.records)
+            listing = ", ".join(known[:10]) + (", …" if len(known) > 10 else "")
+            raise ModelNotFoundError(
+                f"unknown model '{name}'" + (f"; this server has: {listing}" if known else "")
+            )
+        return record
+
+    def resolve(self, name: str, version: str) -> ModelVersion:
+        """The version a request addresses; empty version means the newest ready one."""
+        record = self.record(name)
+        if record.reason:
+            raise ModelNotReadyError(f"model '{name}' is not available: {record.reason}")
+        if version == "":
+            ready = record.ready_versions()
+            if not ready:
+                reasons = "; ".join(
+                    f"version {r.version}: {r.reason or r.state.value.lower()}"
+                    for r in record.versions.values()
+                )
+                raise ModelNotReadyError(f"model '{name}' has no ready version ({reasons})")
+            return ready[-1]
+        number = parse_version(version)
+        found = record.versions.get(number)
+        if found is None:
+            served = ", ".join(str(v) for v in sorted(record.versions)) or "none"
+            raise ModelNotFoundError(
+                f"model '{name}' has no version {number}; versions served: {served}"
+            )
+        if found.state is not VersionState.READY or found.loaded is None:
+            detail = found.reason or found.state.value.lower()
+            raise ModelNotReadyError(f"model '{name}' version {number} is not ready: {detail}")
+        return found.loaded
+
+    def is_ready(self, name: str, version: str = "") -> bool:
+        try:
+            self.resolve(name, version)
+        except (ModelNotFoundError, ModelNotReadyError, InvalidInputError):
+            return False
+        return True
+
+    def all_ready(self) -> bool:
+        return all(
+            not record.reason
+            and record.versions
+            and all(v.state is VersionState.READY for v in record.versions.values())
+            for record in self.records.values()
+        )
+
+    def loaded_versions(self) -> Iterator[ModelVersion]:
+        for name in sorted(self.records):
+            yield from self.records[name].ready_versions()
+
+    def index(self, ready_only: bool) -> list[IndexEntry]:
+        entries = []
+        for name in sorted(self.records):
+            record = self.records[name]
+            if record.reason:
+                if not ready_only:
+                    entries.append(
+                        IndexEntry(name, "", VersionState.UNAVAILABLE.value, record.reason)
+                    )
+                continue
+            for number, version in sorted(record.versions.items()):
+                if ready_only and version.state is not VersionState.READY:
+                    continue
+                entries.append(IndexEntry(name, str(number), version.state.value, version.reason))
+        return entries
+
+    def close(self) -> None:
+        for version in self.loaded_versions():
+            version.close()
+
+
+def parse_version(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise InvalidInputError(f"model version '{text}' is not a positive integer")
+    return int(text)

@@ -1,0 +1,155 @@
+"""Server settings: one typed, validated object built once at start-up.
+
+Each field carries its default, its bounds and a one-line help text in its
+metadata; the CLI builds its flags from these fields and reads the
+`BATCHWISE_<FIELD>` environment variables, so a setting is declared exactly
+once. Nothing reads the environment at import time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "BATCHWISE_"
+INT32_MAX = 2**31 - 1
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _setting(
+    default: Any,
+    help: str,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    choices: tuple[str, ...] | None = None,
+) -> Any:
+    return field(
+        default=default,
+        metadata={"help": help, "low": low, "high": high, "choices": choices},
+    )
+
+
+def project_root() -> Path:
+    return Path(__file__).resolve().parent.parent
+
+
+def embedded_repository() -> Path:
+    """The repository this checkout ships (models/repository), served by default."""
+    return project_root() / "models" / "repository"
+
+
+@dataclass(frozen=True)
+class Settings:
+    model_repository: Path = _setting(
+        None,
+        "model repository folder (<model>/config.pbtxt, <model>/<version>/model.onnx); "
+        "default: the embedded models/repository",
+    )
+    grpc_host: str = _setting("0.0.0.0", "address the gRPC server binds")
+    grpc_port: int = _setting(
+        8001, "gRPC port; 0 picks a free port (the log says which)", low=0, high=65535
+    )
+    metrics_host: str = _setting("0.0.0.0", "address the Prometheus /metrics endpoint binds")
+    metrics_port: int = _setting(
+        8002, "Prometheus /metrics port; 0 picks a free port, -1 disables", low=-1, high=65535
+    )
+    log_level: str = _setting("INFO", "log level", choices=LOG_LEVELS)
+    max_message_bytes: int = _setting(
+        INT32_MAX,
+        "largest gRPC message accepted or sent, in bytes (tritonclient uses INT32_MAX)",
+        low=1024,
+        high=INT32_MAX,
+    )
+    default_max_batch_size: int = _setting(
+        4,
+        "max_batch_size given to a batchable model whose config does not set one",
+        low=1,
+        high=INT32_MAX,
+    )
+    auto_complete_config: bool = _setting(
+        True, "complete missing config fields (inputs, outputs, batching) from the ONNX graph"
+    )
+    strict_readiness: bool = _setting(
+        False, "report the server ready only when every model in the repository is ready"
+    )
+    shutdown_grace_seconds: float = _setting(
+        30.0,
+        "on SIGTERM/SIGINT, how long in-flight requests may take to finish",
+        low=0.0,
+        high=3600.0,
+    )
+    model_load_parallelism: int = _setting(
+        2, "how many model versions load at the same time at start-up", low=1, high=64
+    )
+
+    def __post_init__(self) -> None:
+        if self.model_repository is None:
+            object.__setattr__(self, "model_repository", embedded_repository())
+        object.__setattr__(self, "model_repository", Path(self.model_repository))
+        for spec in dataclasses.fields(self):
+            value = getattr(self, spec.name)
+            low, high, choices = (
+                spec.metadata["low"],
+                spec.metadata["high"],
+                spec.metadata["choices"],
+            )
+            if (low is not None and value < low) or (high is not None and value > high):
+                raise ValueError(
+                    f"{spec.name} = {value} is out of range; expected {low} ≤ {spec.name} ≤ {high}"
+                )
+            if choices is not None and value not in choices:
+                raise ValueError(f"{spec.name} = {value!r}; expected one of {', '.join(choices)}")
+        if (
+            self.metrics_port != -1
+            and self.metrics_port != 0
+            and self.metrics_port == self.grpc_port
+        ):
+            raise ValueError(
+                f"grpc_port and metrics_port are both {self.grpc_port}; give them different ports"
+            )
+
+    @property
+    def log_level_number(self) -> int:
+        return int(logging.getLevelName(self.log_level))
+
+
+def env_name(field_name: str) -> str:
+    return ENV_PREFIX + field_name.upper()
+
+
+def parse_value(spec: dataclasses.Field[Any], text: str) -> Any:
+    """Convert an environment string to a field's type, with a message naming the variable."""
+    kind = spec.type if isinstance(spec.type, str) else getattr(spec.type, "__name__", "")
+    try:
+        if kind == "bool":
+            lowered = text.strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(text)
+        if kind == "int":
+            return int(text)
+        if kind == "float":
+            return float(text)
+        if kind == "Path":
+            return Path(text)
+        return text
+    except ValueError:
+        raise ValueError(f"{env_name(spec.name)}={text!r} is not a valid {kind}") from None
+
+
+def from_environment(environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """The settings given through BATCHWISE_* variables, parsed."""
+    environ = dict(os.environ) if environ is None else environ
+    values: dict[str, Any] = {}
+    for spec in dataclasses.fields(Settings):
+        text = environ.get(env_name(spec.name))
+        if text is not None and text != "":
+            values[spec.name] = parse_value(spec, text)
+    return values

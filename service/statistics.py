@@ -1,0 +1,97 @@
+"""Per model-version accounting: the one source for ModelStatistics and metrics.
+
+Counts follow Triton's definitions so that perf_analyzer's server-side
+breakdown is right: `success`, `queue` and `compute_*` count successful
+requests and their cumulative nanoseconds; `fail` counts failed requests;
+`inference_count` counts rows (batch elements) and `execution_count` counts
+model executions. Recording happens on the event loop or in worker threads,
+reading happens in RPC handlers and the metrics thread, hence the lock.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Duration:
+    count: int = 0
+    ns: int = 0
+
+    def add(self, ns: int, count: int = 1) -> None:
+        self.count += count
+        self.ns += max(ns, 0)
+
+
+@dataclass
+class BatchDurations:
+    compute_input: Duration = field(default_factory=Duration)
+    compute_infer: Duration = field(default_factory=Duration)
+    compute_output: Duration = field(default_factory=Duration)
+
+
+@dataclass
+class RequestTimings:
+    """Where one request's time went, in nanoseconds."""
+
+    queue_ns: int = 0
+    compute_input_ns: int = 0
+    compute_infer_ns: int = 0
+    compute_output_ns: int = 0
+
+
+@dataclass
+class StatsSnapshot:
+    success: Duration = field(default_factory=Duration)
+    fail: Duration = field(default_factory=Duration)
+    queue: Duration = field(default_factory=Duration)
+    compute_input: Duration = field(default_factory=Duration)
+    compute_infer: Duration = field(default_factory=Duration)
+    compute_output: Duration = field(default_factory=Duration)
+    inference_count: int = 0
+    execution_count: int = 0
+    last_inference_ms: int = 0
+    batches: dict[int, BatchDurations] = field(default_factory=dict)
+    failures_by_status: Counter[str] = field(default_factory=Counter)
+
+
+class ModelStats:
+    """Thread-safe accumulator for one model version."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._data = StatsSnapshot()
+
+    def record_execution(self, batch_size: int, timings: RequestTimings) -> None:
+        with self._lock:
+            data = self._data
+            data.execution_count += 1
+            batch = data.batches.setdefault(batch_size, BatchDurations())
+            batch.compute_input.add(timings.compute_input_ns)
+            batch.compute_infer.add(timings.compute_infer_ns)
+            batch.compute_output.add(timings.compute_output_ns)
+
+    def record_success(self, rows: int, total_ns: int, timings: RequestTimings) -> None:
+        with self._lock:
+            data = self._data
+            data.success.add(total_ns)
+            data.queue.add(timings.queue_ns)
+            data.compute_input.add(timings.compute_input_ns)
+            data.compute_infer.add(timings.compute_infer_ns)
+            data.compute_output.add(timings.compute_output_ns)
+            data.inference_count += rows
+            data.last_inference_ms = time.time_ns() // 1_000_000
+
+    def record_failure(self, total_ns: int, status: str) -> None:
+        with self._lock:
+            self._data.fail.add(total_ns)
+            self._data.failures_by_status[status] += 1
+            self._data.last_inference_ms = time.time_ns() // 1_000_000
+
+    def snapshot(self) -> StatsSnapshot:
+        with self._lock:
+            return copy.deepcopy(self._data)

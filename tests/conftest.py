@@ -1,0 +1,122 @@
+"""Shared fixtures: real servers on 127.0.0.1 with port 0, real tritonclient clients."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import tritonclient.grpc as grpcclient
+
+from service.app import InferenceServer
+from service.settings import Settings
+from tests import onnx_models as models
+
+
+class ServerThread:
+    """An InferenceServer running on its own event loop in a background thread.
+
+    The sync tritonclient used by the tests would block an event loop shared
+    with the server, so the server gets a loop of its own.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.loop = asyncio.new_event_loop()
+        self.server = InferenceServer(settings)
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    def __enter__(self) -> ServerThread:
+        self._thread.start()
+        self.call(self.server.start())
+        self.call(self.server.wait_until_loaded())
+        return self
+
+    def call(self, coroutine, timeout: float = 60):  # type: ignore[no-untyped-def]
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    @property
+    def url(self) -> str:
+        return f"127.0.0.1:{self.server.grpc_port}"
+
+    def client(self) -> grpcclient.InferenceServerClient:
+        return grpcclient.InferenceServerClient(self.url)
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.call(self.server.stop(grace_seconds=5))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()
+
+
+def serve(repository: Path, **overrides: object) -> ServerThread:
+    settings = Settings(
+        model_repository=repository,
+        grpc_host="127.0.0.1",
+        grpc_port=0,
+        metrics_host="127.0.0.1",
+        metrics_port=0,
+        **overrides,  # type: ignore[arg-type]
+    )
+    return ServerThread(settings)
+
+
+@pytest.fixture(scope="session")
+def standard_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A repository with one model per feature the protocol tests exercise."""
+    root = tmp_path_factory.mktemp("repository")
+    models.save(
+        models.add_sub(),
+        root,
+        "add_sub",
+        config=(
+            'name: "add_sub"\nplatform: "onnxruntime_onnx"\nmax_batch_size: 8\n'
+            'input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ 16 ] },'
+            ' { name: "INPUT1" data_type: TYPE_FP32 dims: [ 16 ] } ]\n'
+            'output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 16 ] },'
+            ' { name: "OUTPUT1" data_type: TYPE_FP32 dims: [ 16 ] } ]\n'
+            "dynamic_batching { }\n"
+        ),
+    )
+    numeric = [name for name in models.ONNX_TYPES if name != "BYTES"]
+    models.save(models.identity(numeric), root, "identity_numeric")
+    models.save(models.identity(["BYTES"]), root, "identity_bytes")
+    models.save(models.scale(2.0, [2, 3]), root, "fixed_shape")
+    for version in (1, 2, 3):
+        models.save(models.scale(float(version), ["batch", 4]), root, "versioned", version)
+    (root / "versioned" / "config.pbtxt").write_text(
+        "version_policy { latest { num_versions: 2 } }\n"
+    )
+    broken = root / "broken" / "1"
+    broken.mkdir(parents=True)
+    (broken / "model.onnx").write_bytes(b"this is not an onnx model")
+    return root
+
+
+@pytest.fixture(scope="session")
+def server(standard_repository: Path) -> Iterator[ServerThread]:
+    with serve(standard_repository) as running:
+        yield running
+
+
+@pytest.fixture()
+def client(server: ServerThread) -> Iterator[grpcclient.InferenceServerClient]:
+    with server.client() as connection:
+        yield connection
+
+
+@pytest.fixture()
+def stub(server: ServerThread) -> Iterator[object]:
+    """tritonclient's own generated stub, for requests tritonclient's API cannot build."""
+    import grpc
+    from tritonclient.grpc import service_pb2_grpc
+
+    channel = grpc.insecure_channel(
+        server.url,
+        options=[("grpc.max_send_message_length", 2**31 - 1),
+                 ("grpc.max_receive_message_length", 2**31 - 1)],
+    )
+    yield service_pb2_grpc.GRPCInferenceServiceStub(channel)
+    channel.close()
