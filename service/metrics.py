@@ -45,6 +45,11 @@ class ModelCollector(Collector):
         ready = GaugeMetricFamily(
             f"{NAMESPACE}_model_ready", "1 if the model version is ready to serve", labels=labels
         )
+        in_flight = GaugeMetricFamily(
+            f"{NAMESPACE}_requests_in_flight",
+            "Requests admitted to the model version and not yet answered",
+            labels=labels,
+        )
         for name in sorted(self._registry.records):
             record = self._registry.records[name]
             for number, version_record in sorted(record.versions.items()):
@@ -57,8 +62,9 @@ class ModelCollector(Collector):
                 for status, count in sorted(snapshot.failures_by_status.items()):
                     requests.add_metric([*key, status], count)
                 rows.add_metric(key, snapshot.inference_count)
+                in_flight.add_metric(key, snapshot.in_flight)
                 executions.add_metric(key, snapshot.execution_count)
-        yield from (requests, rows, executions, ready)
+        yield from (requests, rows, executions, ready, in_flight)
 
 
 class MetricsEndpoint:

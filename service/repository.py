@@ -78,6 +78,7 @@ class ModelVersion:
 
     async def infer(self, request: InferenceRequest) -> InferenceResult:
         """Execute a validated request and account for its outcome."""
+        self.stats.request_started()
         try:
             result, timings = await self._pool.run(request)
         except ServingError as error:
@@ -89,6 +90,8 @@ class ModelVersion:
         except Exception:
             self.record_failure(request.received_ns, Status.INTERNAL)
             raise
+        finally:
+            self.stats.request_finished()
         self.stats.record_execution(request.batch_size, timings)
         self.stats.record_success(
             request.batch_size, time.perf_counter_ns() - request.received_ns, timings

@@ -57,6 +57,7 @@ class StatsSnapshot:
     last_inference_ms: int = 0
     batches: dict[int, BatchDurations] = field(default_factory=dict)
     failures_by_status: Counter[str] = field(default_factory=Counter)
+    in_flight: int = 0
 
 
 class ModelStats:
@@ -65,6 +66,14 @@ class ModelStats:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._data = StatsSnapshot()
+
+    def request_started(self) -> None:
+        with self._lock:
+            self._data.in_flight += 1
+
+    def request_finished(self) -> None:
+        with self._lock:
+            self._data.in_flight -= 1
 
     def record_execution(self, batch_size: int, timings: RequestTimings) -> None:
         with self._lock:

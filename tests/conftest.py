@@ -83,11 +83,22 @@ def standard_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     numeric = [name for name in models.ONNX_TYPES if name != "BYTES"]
     models.save(models.identity(numeric), root, "identity_numeric")
     models.save(models.identity(["BYTES"]), root, "identity_bytes")
+    typed = [name for name in models.ONNX_TYPES if name not in ("FP16", "BF16")]
+    models.save(models.identity(typed), root, "identity_typed")
     models.save(models.scale(2.0, [2, 3]), root, "fixed_shape")
     for version in (1, 2, 3):
         models.save(models.scale(float(version), ["batch", 4]), root, "versioned", version)
     (root / "versioned" / "config.pbtxt").write_text(
         "version_policy { latest { num_versions: 2 } }\n"
+    )
+    models.save(
+        models.slow_matmul(512, 256),
+        root,
+        "slow",
+        config=(
+            "max_batch_size: 0\n"
+            'parameters { key: "intra_op_thread_count" value: { string_value: "1" } }\n'
+        ),
     )
     broken = root / "broken" / "1"
     broken.mkdir(parents=True)
@@ -115,8 +126,10 @@ def stub(server: ServerThread) -> Iterator[object]:
 
     channel = grpc.insecure_channel(
         server.url,
-        options=[("grpc.max_send_message_length", 2**31 - 1),
-                 ("grpc.max_receive_message_length", 2**31 - 1)],
+        options=[
+            ("grpc.max_send_message_length", 2**31 - 1),
+            ("grpc.max_receive_message_length", 2**31 - 1),
+        ],
     )
     yield service_pb2_grpc.GRPCInferenceServiceStub(channel)
     channel.close()

@@ -28,7 +28,9 @@ def _field_facts(field: descriptor.FieldDescriptor) -> tuple[object, ...]:
     )
 
 
-def _messages(scope: descriptor.FileDescriptor | descriptor.Descriptor) -> dict[str, descriptor.Descriptor]:
+def _messages(
+    scope: descriptor.FileDescriptor | descriptor.Descriptor,
+) -> dict[str, descriptor.Descriptor]:
     found: dict[str, descriptor.Descriptor] = {}
     children = (
         scope.message_types_by_name.values()
@@ -88,8 +90,12 @@ def test_service_methods_match() -> None:
 
     def facts(service: descriptor.ServiceDescriptor) -> dict[str, tuple[object, ...]]:
         return {
-            m.name: (m.input_type.full_name, m.output_type.full_name,
-                     m.client_streaming, m.server_streaming)
+            m.name: (
+                m.input_type.full_name,
+                m.output_type.full_name,
+                m.client_streaming,
+                m.server_streaming,
+            )
             for m in service.methods
         }
 
@@ -112,7 +118,9 @@ def test_generated_code_is_current() -> None:
     """Regenerating service/protocol from proto/ changes nothing."""
     result = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "generate_protocol.py"), "--check"],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
 

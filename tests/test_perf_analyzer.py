@@ -1,0 +1,66 @@
+"""Triton's own load generator, perf_analyzer, runs against the server without errors.
+
+perf_analyzer ships inside the tritonclient 2.41 wheel. It needs Debian's
+libb64-0d and a libcudart.so.12 (from the nvidia-cuda-runtime-cu12 wheel) even
+on machines without a GPU; `.ci/run` and `make test` install both.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ServerThread
+
+
+def _perf_analyzer() -> tuple[Path, dict[str, str]]:
+    import nvidia.cuda_runtime
+
+    binary = Path(sys.executable).parent / "perf_analyzer"
+    cuda_lib = Path(next(iter(nvidia.cuda_runtime.__path__))) / "lib"
+    assert binary.exists(), "perf_analyzer is missing: install tritonclient[grpc]==2.41.0"
+    environment = {**os.environ, "LD_LIBRARY_PATH": str(cuda_lib)}
+    return binary, environment
+
+
+@pytest.mark.parametrize(
+    "mode", [[], ["--async"], ["--streaming", "--async"]], ids=["sync", "async", "streaming"]
+)
+def test_perf_analyzer_completes_without_errors(server: ServerThread, mode: list[str]) -> None:
+    binary, environment = _perf_analyzer()
+    command = [
+        str(binary),
+        "-m",
+        "add_sub",
+        "-u",
+        server.url,
+        "-i",
+        "grpc",
+        "-b",
+        "2",
+        "--concurrency-range",
+        "4",
+        "--measurement-mode",
+        "count_windows",
+        "--measurement-request-count",
+        "100",
+        "--max-trials",
+        "5",
+        "-s",
+        "50",
+        *mode,
+    ]
+    result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=180)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "error" not in output.lower(), output
+    # perf_analyzer read our ModelStatistics (the 'statistics' extension) for its server section.
+    server_section = re.search(r"Successful request count: (\d+)", output)
+    assert server_section is not None, output
+    assert int(server_section.group(1)) > 0
+    assert re.search(r"Throughput: [\d.]+ infer/sec", output), output
