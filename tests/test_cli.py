@@ -235,3 +235,11 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(running: ServerProcess) -
 def test_sigint_with_nothing_in_flight_exits_promptly(running: ServerProcess) -> None:
     running.process.send_signal(signal.SIGINT)
     assert running.wait_exit(timeout=20) == 0
+
+
+def test_readme_documents_every_flag() -> None:
+    import dataclasses
+
+    readme = (ROOT / "README.md").read_text()
+    for spec in dataclasses.fields(Settings):
+        assert "--" + spec.name.replace("_", "-") in readme, spec.name

@@ -1,0 +1,48 @@
+# The two commands of the README, and the pieces they are made of.
+#   make serve   install the server and serve models/repository on :8001 (gRPC), :8002 (metrics)
+#   make test    install the server, its test tools and system packages, then check everything
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+ARGS ?=
+
+.PHONY: serve test install install-test system-packages check-protocol lint typecheck pytest protocol
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed-serve: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[cpu]'
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[cpu,test,dev]'
+	touch $@
+
+install: $(VENV)/.installed-serve
+install-test: $(VENV)/.installed-test
+
+serve: install
+	$(BIN)/batchwise serve $(ARGS)
+
+system-packages:
+	scripts/install-system-packages
+
+check-protocol: install-test
+	$(BIN)/python scripts/generate_protocol.py --check
+
+protocol: install-test
+	$(BIN)/python scripts/generate_protocol.py
+
+lint: install-test
+	$(BIN)/ruff check service tests scripts models
+	$(BIN)/ruff format --check service tests scripts models
+
+typecheck: install-test
+	$(BIN)/mypy service scripts models
+
+pytest: install-test system-packages
+	$(BIN)/python -m pytest $(ARGS)
+
+test: check-protocol lint typecheck pytest
