@@ -28,7 +28,9 @@ def _input(name: str, array: np.ndarray, datatype: str | None = None) -> grpccli
 
 def _sample(datatype: str, shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
-    dtype = {"BOOL": np.bool_, "FP16": np.float16, "FP32": np.float32, "FP64": np.float64}.get(datatype)
+    dtype = {"BOOL": np.bool_, "FP16": np.float16, "FP32": np.float32, "FP64": np.float64}.get(
+        datatype
+    )
     if datatype == "BOOL":
         return rng.integers(0, 2, size=shape).astype(np.bool_)
     if dtype is not None:
