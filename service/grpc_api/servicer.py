@@ -243,12 +243,17 @@ class InferenceServicer:
             async with write_lock:
                 await context.write(reply)
 
-        async for request in requests:
-            task = asyncio.create_task(serve_one(request))
-            pending.add(task)
-            task.add_done_callback(pending.discard)
-        if pending:
-            await asyncio.gather(*pending)
+        try:
+            async for request in requests:
+                task = asyncio.create_task(serve_one(request))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+            if pending:
+                await asyncio.gather(*pending)
+        finally:
+            # The client went away or the server is stopping: nobody will read the rest.
+            for task in pending:
+                task.cancel()
 
     @staticmethod
     def _stream_error(request: pb.ModelInferRequest, message: str) -> pb.ModelStreamInferResponse:
