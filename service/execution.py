@@ -36,16 +36,18 @@ class ModelRunner:
             for name, array in request.inputs.items()
         }
         ready = time.perf_counter_ns()
-        produced = self._session.run(feeds, request.outputs)
+        timings.compute_input_ns = ready - started
+        timings.executed = True
+        try:
+            produced = self._session.run(feeds, request.outputs)
+        finally:
+            timings.compute_infer_ns = time.perf_counter_ns() - ready
         ran = time.perf_counter_ns()
         outputs = tuple(
             self._encode(self._signature.output(name), array, request.batch_size)
             for name, array in zip(request.outputs, produced, strict=True)
         )
-        done = time.perf_counter_ns()
-        timings.compute_input_ns = ready - started
-        timings.compute_infer_ns = ran - ready
-        timings.compute_output_ns = done - ran
+        timings.compute_output_ns = time.perf_counter_ns() - ran
         return InferenceResult(outputs)
 
     def _to_model_shape(self, spec: TensorSpec | None, array: np.ndarray, batch: int) -> np.ndarray:
@@ -94,8 +96,8 @@ class InstancePool:
         self._runner = runner
         self._executor = ThreadPoolExecutor(max_workers=count, thread_name_prefix=thread_prefix)
 
-    async def run(self, request: InferenceRequest) -> tuple[InferenceResult, RequestTimings]:
-        timings = RequestTimings()
+    async def run(self, request: InferenceRequest, timings: RequestTimings) -> InferenceResult:
+        """Execute in a worker thread, filling `timings` as it goes."""
         submitted = time.perf_counter_ns()
 
         def work() -> InferenceResult:
@@ -103,8 +105,7 @@ class InstancePool:
             return self._runner.execute(request, timings)
 
         loop = asyncio.get_running_loop()
-        result = await loop.run_in_executor(self._executor, work)
-        return result, timings
+        return await loop.run_in_executor(self._executor, work)
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)

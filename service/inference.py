@@ -52,6 +52,8 @@ class RequestBuilder:
         self._inputs: dict[str, np.ndarray] = {}
         self._batch_size: int | None = None
         self._batch_source = ""
+        # graph dim symbol -> (size, input that fixed it)
+        self._symbol_sizes: dict[str, tuple[int, str]] = {}
 
     def check_input(
         self, position: int, name: str, datatype: str, shape: list[int]
@@ -106,13 +108,28 @@ class RequestBuilder:
                 )
             self._batch_size, self._batch_source = batch, spec.name
             dims = shape[1:]
+        offset = 1 if batching else 0
         for axis, (given, wanted) in enumerate(zip(dims, spec.dims, strict=True)):
             if (wanted == -1 and given < 1) or (wanted != -1 and given != wanted):
                 raise InvalidInputError(
                     f"{where} has shape {format_shape(shape)} but {self._label} expects "
-                    f"{format_shape(expected)}; dimension {axis + (1 if batching else 0)} "
+                    f"{format_shape(expected)}; dimension {axis + offset} "
                     f"must be {'at least 1' if wanted == -1 else wanted}"
                 )
+            symbol = spec.symbols[axis] if axis < len(spec.symbols) else None
+            if wanted == -1 and symbol is not None:
+                self._check_symbol(where, axis + offset, symbol, given, spec.name)
+
+    def _check_symbol(self, where: str, axis: int, symbol: str, size: int, name: str) -> None:
+        """Dims the graph names alike (e.g. 'sequence') must agree across inputs."""
+        seen = self._symbol_sizes.get(symbol)
+        if seen is None:
+            self._symbol_sizes[symbol] = (size, name)
+        elif seen[0] != size:
+            raise InvalidInputError(
+                f"{where} has size {size} in dimension {axis} but input '{seen[1]}' has "
+                f"{seen[0]}; the model ties both to its dimension '{symbol}'"
+            )
 
     def accept(self, spec: TensorSpec, array: np.ndarray) -> None:
         """Store a decoded input, converting BYTES to the text onnxruntime needs."""

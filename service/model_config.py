@@ -9,7 +9,6 @@ the reader is an operator looking at a RepositoryIndex reason or a log line.
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +40,8 @@ class GraphTensor:
     name: str
     ort_type: str
     shape: tuple[int | None, ...]
+    # The graph's names for dynamic dims ("batch", "sequence"); equal names must match.
+    symbols: tuple[str | None, ...] = ()
 
     @property
     def datatype(self) -> DataType | None:
@@ -87,6 +88,8 @@ class TensorSpec:
     # The shape the model itself takes (config `reshape`), without batch dim.
     model_dims: tuple[int, ...] | None = None
     optional: bool = False
+    # Per dim of `dims`: the graph's symbol for it, when the graph ties dims together.
+    symbols: tuple[str | None, ...] = ()
 
     def client_shape(self, batching: bool) -> list[int]:
         return ([-1] if batching else []) + list(self.dims)
@@ -111,11 +114,8 @@ class ModelSignature:
 
 # ---------------------------------------------------------------- reading ---
 
-_MAX_BATCH_SIZE_FIELD = re.compile(r"(?m)(^|[\s{,;])max_batch_size\s*:")
-
-
-def _without_comments(text: str) -> str:
-    return "\n".join(line.split("#", 1)[0] for line in text.splitlines())
+# Merged into a config before parsing: if it survives, the file did not set the field.
+_UNSET_BATCH_SIZE = -(2**31)
 
 
 @dataclass(frozen=True)
@@ -134,20 +134,26 @@ def read_config(path: Path) -> ConfigFile:
     return parse_config_text(text, source=path.name)
 
 
+def _parse(text: str, allow_unknown: bool) -> mc.ModelConfig:
+    config = mc.ModelConfig(max_batch_size=_UNSET_BATCH_SIZE)
+    text_format.Merge(text, config, allow_unknown_field=allow_unknown)
+    return config
+
+
 def parse_config_text(text: str, source: str = "config.pbtxt") -> ConfigFile:
-    config = mc.ModelConfig()
     try:
-        text_format.Parse(text, config)
+        config = _parse(text, allow_unknown=False)
     except text_format.ParseError as strict_error:
         if "no field named" not in str(strict_error) and "no value named" not in str(strict_error):
             raise ModelConfigError(f"{source}: {strict_error}") from None
-        config = mc.ModelConfig()
         try:
-            text_format.Parse(text, config, allow_unknown_field=True)
+            config = _parse(text, allow_unknown=True)
         except text_format.ParseError as error:
             raise ModelConfigError(f"{source}: {error}") from None
         log.warning("%s: ignoring fields this server does not know: %s", source, strict_error)
-    given = bool(_MAX_BATCH_SIZE_FIELD.search(_without_comments(text)))
+    given = config.max_batch_size != _UNSET_BATCH_SIZE
+    if not given:
+        config.max_batch_size = 0
     return ConfigFile(config, given)
 
 
@@ -158,18 +164,8 @@ def _config_dims(shape: tuple[int | None, ...]) -> list[int]:
     return [-1 if d is None else d for d in shape]
 
 
-def complete_config(
-    file: ConfigFile,
-    graph: GraphSignature,
-    model_name: str,
-    default_max_batch_size: int,
-) -> mc.ModelConfig:
-    """Fill what config.pbtxt leaves out from the graph, the way Triton's auto-complete does.
-
-    Differences from Triton, both deliberate: an explicit `max_batch_size: 0`
-    is respected (Triton overrides it), and a partially described tensor
-    (name only) gets its type and dims filled rather than rejected.
-    """
+def normalize_config(file: ConfigFile, model_name: str, gpu_available: bool) -> mc.ModelConfig:
+    """Defaults that need no graph, applied with or without auto-complete (as Triton does)."""
     config = mc.ModelConfig()
     config.CopyFrom(file.config)
     if not config.name:
@@ -177,27 +173,43 @@ def complete_config(
     if not config.platform and not config.backend:
         config.platform = PLATFORM
         config.backend = BACKEND
-
-    if not file.max_batch_size_given:
-        config.max_batch_size = default_max_batch_size if _batching_possible(config, graph) else 0
-    batching = config.max_batch_size > 0
-    skip = 1 if batching else 0
-
-    _complete_tensors(config.input, graph.inputs, skip)
-    _complete_tensors(config.output, graph.outputs, skip)
-
-    if config.max_batch_size > 1 and config.WhichOneof("scheduling_choice") is None:
-        config.dynamic_batching.SetInParent()
     if not config.instance_group:
-        group = config.instance_group.add()
-        group.name = config.name
-        group.count = 1
-        group.kind = mc.ModelInstanceGroup.KIND_CPU
+        config.instance_group.add()
     for index, group in enumerate(config.instance_group):
         if not group.name:
             group.name = f"{config.name}_{index}"
         if group.count == 0:
             group.count = 1
+        if group.kind == mc.ModelInstanceGroup.KIND_AUTO:
+            group.kind = (
+                mc.ModelInstanceGroup.KIND_GPU if gpu_available else mc.ModelInstanceGroup.KIND_CPU
+            )
+    return config
+
+
+def complete_config(
+    file: ConfigFile,
+    graph: GraphSignature,
+    model_name: str,
+    default_max_batch_size: int,
+    gpu_available: bool = False,
+) -> mc.ModelConfig:
+    """Fill what config.pbtxt leaves out from the graph, the way Triton's auto-complete does.
+
+    Differences from Triton, both deliberate: an explicit `max_batch_size: 0`
+    is respected (Triton overrides it), and a partially described tensor
+    (name only) gets its type and dims filled rather than rejected. Like
+    Triton, a tensor with no dims left (a [batch] vector, a scalar) becomes
+    dims [1] with reshape [], so clients send [batch, 1].
+    """
+    config = normalize_config(file, model_name, gpu_available)
+    if not file.max_batch_size_given:
+        config.max_batch_size = default_max_batch_size if _batching_possible(config, graph) else 0
+    skip = 1 if config.max_batch_size > 0 else 0
+    _complete_tensors(config.input, graph.inputs, skip)
+    _complete_tensors(config.output, graph.outputs, skip)
+    if config.max_batch_size > 1 and config.WhichOneof("scheduling_choice") is None:
+        config.dynamic_batching.SetInParent()
     return config
 
 
@@ -225,7 +237,12 @@ def _complete_tensors(listed, tensors: tuple[GraphTensor, ...], skip: int) -> No
         if entry.data_type == mc.TYPE_INVALID and tensor.datatype is not None:
             entry.data_type = mc.DataType.Value(tensor.datatype.config_name)
         if not entry.dims and not entry.HasField("reshape"):
-            entry.dims.extend(_config_dims(tensor.shape[skip:]))
+            dims = _config_dims(tensor.shape[skip:])
+            if dims:
+                entry.dims.extend(dims)
+            else:
+                entry.dims.append(1)
+                entry.reshape.SetInParent()
 
 
 # ------------------------------------------------------------- validation ---
@@ -347,8 +364,14 @@ def _check_tensor(entry, tensor: GraphTensor | None, kind: str, batching: bool) 
                 f"{where}: dims {format_shape(dims)} and reshape {format_shape(model_dims)} "
                 "hold different numbers of elements"
             )
-        if model_dims.count(-1) > 1:
-            raise ModelConfigError(f"{where}: reshape may contain at most one -1")
+        # Inputs are reshaped into `reshape`, outputs back into `dims`: numpy can
+        # infer one unknown size per reshape, not more.
+        target = model_dims if kind == "input" else dims
+        if target.count(-1) > 1:
+            raise ModelConfigError(
+                f"{where}: with reshape, {'reshape' if kind == 'input' else 'dims'} may "
+                "contain at most one -1"
+            )
     seen_by_model = ([-1] if batching else []) + (model_dims if model_dims is not None else dims)
     if len(seen_by_model) != len(tensor.shape):
         raise ModelConfigError(
@@ -369,12 +392,16 @@ def _check_tensor(entry, tensor: GraphTensor | None, kind: str, batching: bool) 
                 f"{where}: dimension {axis} is {ours} in config.pbtxt but the model requires "
                 f"{theirs}"
             )
+    symbols: tuple[str | None, ...] = ()
+    if model_dims is None and len(tensor.symbols) == len(tensor.shape):
+        symbols = tensor.symbols[1:] if batching else tensor.symbols
     return TensorSpec(
         name=entry.name,
         datatype=config_type,
         dims=tuple(dims),
         model_dims=tuple(model_dims) if model_dims is not None else None,
         optional=bool(getattr(entry, "optional", False)),
+        symbols=symbols,
     )
 
 

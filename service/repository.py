@@ -33,13 +33,14 @@ from .model_config import (
     ModelSignature,
     TensorSpec,
     complete_config,
+    normalize_config,
     read_config,
     validate_config,
 )
 from .protocol import model_config_pb2 as mc
-from .runtime import OnnxSession, available_providers, plan_placement, session_options
+from .runtime import CUDA, OnnxSession, available_providers, plan_placement, session_options
 from .settings import Settings
-from .statistics import ModelStats
+from .statistics import ModelStats, RequestTimings
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +80,9 @@ class ModelVersion:
     async def infer(self, request: InferenceRequest) -> InferenceResult:
         """Execute a validated request and account for its outcome."""
         self.stats.request_started()
+        timings = RequestTimings()
         try:
-            result, timings = await self._pool.run(request)
+            result = await self._pool.run(request, timings)
         except ServingError as error:
             self.record_failure(request.received_ns, error.status)
             raise
@@ -92,7 +94,9 @@ class ModelVersion:
             raise
         finally:
             self.stats.request_finished()
-        self.stats.record_execution(request.batch_size, timings)
+            if timings.executed:
+                # Counted whether or not the run succeeded, like Triton's execution_count.
+                self.stats.record_execution(request.batch_size, timings)
         self.stats.record_success(
             request.batch_size, time.perf_counter_ns() - request.received_ns, timings
         )
@@ -142,7 +146,7 @@ def scan_versions(model_dir: Path) -> list[int]:
     """Numeric version folders; Triton skips names with a leading zero, and so do we."""
     versions = []
     for child in model_dir.iterdir():
-        if child.is_dir() and child.name.isdigit() and not child.name.startswith("0"):
+        if child.is_dir() and is_version_text(child.name) and not child.name.startswith("0"):
             versions.append(int(child.name))
     return sorted(versions)
 
@@ -199,24 +203,38 @@ class ModelRegistry:
             try:
                 config_file, versions = self._plan_model(name)
             except ModelLoadError as error:
-                record.reason = str(error)
+                record.reason = self._scrub(str(error))
                 log.error("model '%s' is not available: %s", name, error)
+                continue
+            except Exception:  # unreadable folder, a bug: this model only
+                record.reason = "unexpected error while reading the model folder (see server log)"
+                log.exception("model '%s' is not available", name)
                 continue
             for version in versions:
                 version_record = VersionRecord(version)
                 record.versions[version] = version_record
                 jobs.append((record, config_file, version_record))
         loop = asyncio.get_running_loop()
-        with ThreadPoolExecutor(
+        loader = ThreadPoolExecutor(
             max_workers=self._settings.model_load_parallelism, thread_name_prefix="model-load"
-        ) as loader:
+        )
+        try:
             await asyncio.gather(
                 *(
                     loop.run_in_executor(loader, self._load_version, record, config_file, version)
                     for record, config_file, version in jobs
                 )
             )
+        finally:
+            # Never block the event loop here: a shutdown during loading must stay prompt.
+            loader.shutdown(wait=False, cancel_futures=True)
         self.loading_done = True
+
+    def _scrub(self, text: str) -> str:
+        """Reasons reach clients (RepositoryIndex): name paths relative to the repository."""
+        for prefix in {str(self.root.resolve()), str(self.root), str(self.root.absolute())}:
+            text = text.replace(prefix + "/", "")
+        return text
 
     def _plan_model(self, name: str) -> tuple[ConfigFile, list[int]]:
         model_dir = self.root / name
@@ -282,24 +300,23 @@ class ModelRegistry:
             model_path = model_path / DEFAULT_MODEL_FILE
         if not model_path.is_file():
             raise ModelLoadError(f"{version}/{filename} was not found")
-        placement = plan_placement(raw, available_providers())
-        session = OnnxSession(model_path, session_options(raw, model_dir), placement)
+        providers = available_providers()
+        gpu_available = CUDA in providers
+        normalized = normalize_config(config_file, name, gpu_available)
+        placement = plan_placement(normalized, providers)
+        session = OnnxSession(model_path, session_options(normalized, model_dir), placement)
         if self._settings.auto_complete_config:
             config = complete_config(
-                config_file, session.graph, name, self._settings.default_max_batch_size
+                config_file,
+                session.graph,
+                name,
+                self._settings.default_max_batch_size,
+                gpu_available,
             )
         else:
-            config = mc.ModelConfig()
-            config.CopyFrom(raw)
+            config = normalized
         signature = validate_config(config, session.graph, name)
-        return ModelVersion(
-            name,
-            version,
-            config,
-            signature,
-            session,
-            plan_placement(config, available_providers()).instance_count,
-        )
+        return ModelVersion(name, version, config, signature, session, placement.instance_count)
 
     # ---------------------------------------------------------- resolving ---
 
@@ -381,7 +398,12 @@ class ModelRegistry:
             version.close()
 
 
+def is_version_text(text: str) -> bool:
+    """ASCII digits only: str.isdigit() also accepts '²' and other scripts' digits."""
+    return text.isascii() and text.isdigit()
+
+
 def parse_version(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
+    if not is_version_text(text) or int(text) < 1:
         raise InvalidInputError(f"model version '{text}' is not a positive integer")
     return int(text)

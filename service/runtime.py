@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ModelExecutionError, ModelLoadError
+from .errors import InvalidInputError, ModelExecutionError, ModelLoadError
 from .model_config import GraphSignature, GraphTensor, ModelConfigError
 from .protocol import model_config_pb2 as mc
 
@@ -30,6 +31,11 @@ except ImportError as missing:  # pragma: no cover - exercised only on broken in
         "onnxruntime is not installed: install the package with the 'cpu' extra "
         "(pip install 'batchwise[cpu]') or the 'gpu' extra (pip install 'batchwise[gpu]')"
     ) from missing
+
+from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state  # noqa: E402
+
+# Raised by onnxruntime's checks of the feeds (names, types, ranks, fixed dims).
+_ORT_INPUT_ERRORS = (_ort_state.InvalidArgument,)
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -136,14 +142,32 @@ def session_options(config: mc.ModelConfig, model_dir: Path) -> ort.SessionOptio
         path = (model_dir / library).resolve()
         if not path.is_file():
             raise ModelConfigError(f"model_operations library '{library}' was not found")
-        options.register_custom_ops_library(str(path))
+        try:
+            options.register_custom_ops_library(str(path))
+        except Exception as error:  # onnxruntime raises its own RuntimeException type
+            raise ModelConfigError(
+                f"model_operations library '{library}' could not be loaded: {_first_line(error)}"
+            ) from None
     return options
+
+
+_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")
+_SOURCE_LOCATION = re.compile(r"\S*onnxruntime_src\S*\s*")
+
+
+def _first_line(error: BaseException) -> str:
+    """The useful part of an onnxruntime message, without its source-file locations."""
+    lines = str(error).strip().splitlines()
+    text = lines[0] if lines else type(error).__name__
+    text = _SOURCE_LOCATION.sub("", _ORT_PREFIX.sub("", text))
+    return text[:300]
 
 
 def _graph_tensor(arg: Any) -> GraphTensor:
     shape = arg.shape if isinstance(arg.shape, (list, tuple)) else []
     dims = tuple(d if isinstance(d, int) and d >= 0 else None for d in shape)
-    return GraphTensor(arg.name, str(arg.type), dims)
+    symbols = tuple(d if isinstance(d, str) and d else None for d in shape)
+    return GraphTensor(arg.name, str(arg.type), dims, symbols)
 
 
 class OnnxSession:
@@ -184,12 +208,14 @@ class OnnxSession:
             if not self._bf16:
                 return list(self._session.run(list(output_names), dict(feeds)))
             return self._run_with_bf16(feeds, output_names)
+        except _ORT_INPUT_ERRORS as error:
+            # onnxruntime's own input checks caught something our validation did not.
+            log.warning("onnxruntime rejected an input: %s", error)
+            raise InvalidInputError(f"the model rejected the input: {_first_line(error)}") from None
         except Exception as error:  # onnxruntime's pybind exceptions share no base class
-            text = str(error).strip().splitlines()
-            detail = text[0][:300] if text else type(error).__name__
             log.exception("onnxruntime run failed")
             raise ModelExecutionError(
-                f"onnxruntime failed to execute the model: {detail}"
+                f"onnxruntime failed to execute the model: {_first_line(error)}"
             ) from None
 
     def _run_with_bf16(

@@ -42,6 +42,8 @@ class RequestTimings:
     compute_input_ns: int = 0
     compute_infer_ns: int = 0
     compute_output_ns: int = 0
+    # Set once onnxruntime was called for this request, whatever the outcome.
+    executed: bool = False
 
 
 @dataclass

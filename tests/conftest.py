@@ -100,6 +100,8 @@ def standard_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
             'parameters { key: "intra_op_thread_count" value: { string_value: "1" } }\n'
         ),
     )
+    models.save(models.tied_add(), root, "tied_dims")
+    models.save(models.fixed_reshape(), root, "fragile")
     broken = root / "broken" / "1"
     broken.mkdir(parents=True)
     (broken / "model.onnx").write_bytes(b"this is not an onnx model")

@@ -75,8 +75,8 @@ def identity(datatypes: list[str]) -> onnx.ModelProto:
     nodes, inputs, outputs = [], [], []
     for name in datatypes:
         elem = ONNX_TYPES[name]
-        inputs.append(helper.make_tensor_value_info(f"IN_{name}", elem, ["batch", "n"]))
-        outputs.append(helper.make_tensor_value_info(f"OUT_{name}", elem, ["batch", "n"]))
+        inputs.append(helper.make_tensor_value_info(f"IN_{name}", elem, ["batch", f"n_{name}"]))
+        outputs.append(helper.make_tensor_value_info(f"OUT_{name}", elem, ["batch", f"n_{name}"]))
         nodes.append(helper.make_node("Identity", [f"IN_{name}"], [f"OUT_{name}"]))
     return _model(nodes, inputs, outputs)
 
@@ -106,4 +106,37 @@ def slow_matmul(width: int = 256, depth: int = 48) -> onnx.ModelProto:
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", width])],
         [numpy_helper.from_array(weight, "w")],
+    )
+
+
+def tied_add(width: str | int = "n") -> onnx.ModelProto:
+    """c = a + b where the graph ties both inputs' second dimension to one symbol."""
+    shape = ["batch", width]
+    return _model(
+        [helper.make_node("Add", ["a", "b"], ["c"])],
+        [
+            helper.make_tensor_value_info("a", TensorProto.FLOAT, shape),
+            helper.make_tensor_value_info("b", TensorProto.FLOAT, shape),
+        ],
+        [helper.make_tensor_value_info("c", TensorProto.FLOAT, shape)],
+    )
+
+
+def vector_sum() -> onnx.ModelProto:
+    """ids: INT64 [batch] -> total: INT64 [batch] (ids + 1): tensors with no dims but batch."""
+    return _model(
+        [helper.make_node("Add", ["ids", "one"], ["total"])],
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch"])],
+        [helper.make_tensor_value_info("total", TensorProto.INT64, ["batch"])],
+        [numpy_helper.from_array(np.array(1, dtype=np.int64), "one")],
+    )
+
+
+def fixed_reshape(target: int = 3) -> onnx.ModelProto:
+    """Reshapes x [batch, n] to [batch, target]: onnxruntime fails unless n == target."""
+    return _model(
+        [helper.make_node("Reshape", ["x", "shape"], ["y"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "n"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", target])],
+        [numpy_helper.from_array(np.array([-1, target], dtype=np.int64), "shape")],
     )

@@ -35,6 +35,14 @@ def bytes_request(payload: bytes, shape: list[int]) -> Request:
     return request
 
 
+def tied_request(width_a: int, width_b: int) -> Request:
+    request = Request(model_name="tied_dims")
+    for name, width in (("a", width_a), ("b", width_b)):
+        request.inputs.add(name=name, datatype="FP32", shape=[1, width])
+        request.raw_input_contents.append(np.ones((1, width), np.float32).tobytes())
+    return request
+
+
 def prefixed(*elements: bytes) -> bytes:
     return b"".join(struct.pack("<I", len(e)) + e for e in elements)
 
@@ -74,6 +82,24 @@ CASES: list[tuple[str, Request, grpc.StatusCode, list[str]]] = [
         add_sub_request(model_version="v1"),
         grpc.StatusCode.INVALID_ARGUMENT,
         ["'v1' is not a positive integer"],
+    ),
+    (
+        "version in other digits",
+        add_sub_request(model_version="²"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["'²' is not a positive integer"],
+    ),
+    (
+        "version zero",
+        add_sub_request(model_version="0"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["'0' is not a positive integer"],
+    ),
+    (
+        "tied dims disagree",
+        tied_request(3, 4),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["input 'b' has size 4 in dimension 1", "input 'a' has 3", "dimension 'n'"],
     ),
     (
         "model failed to load",
@@ -323,14 +349,15 @@ def _execution_count(stub: object, model: str) -> int:
 def test_client_mistake(
     stub: object, request_message: Request, code: grpc.StatusCode, fragments: list[str]
 ) -> None:
-    executed_before = _execution_count(stub, "add_sub") + _execution_count(stub, "identity_bytes")
+    watched = ("add_sub", "identity_bytes", "tied_dims")
+    executed_before = sum(_execution_count(stub, model) for model in watched)
     with pytest.raises(grpc.RpcError) as caught:
         stub.ModelInfer(request_message)  # type: ignore[attr-defined]
     error = caught.value
     assert error.code() == code, error.details()  # type: ignore[attr-defined]
     for fragment in fragments:
         assert fragment in error.details(), (fragment, error.details())  # type: ignore[attr-defined]
-    executed_after = _execution_count(stub, "add_sub") + _execution_count(stub, "identity_bytes")
+    executed_after = sum(_execution_count(stub, model) for model in watched)
     assert executed_after == executed_before, "a rejected request reached onnxruntime"
     # The server is still healthy and answers correctly.
     response = stub.ModelInfer(add_sub_request())  # type: ignore[attr-defined]
@@ -423,3 +450,22 @@ def test_server_keeps_serving_after_all_mistakes(server: ServerThread) -> None:
     with server.client() as client:
         assert client.is_server_ready()
         assert client.is_model_ready("add_sub")
+
+
+def test_execution_count_includes_runs_that_fail_in_onnxruntime(stub: object) -> None:
+    """What makes the 'never reached onnxruntime' checks above able to fail.
+
+    `fragile` reshapes [batch, n] to [batch, 3] inside the graph, so n = 4 passes
+    validation (n is free in the config) and fails in onnxruntime: the run counts.
+    """
+    request = Request(model_name="fragile")
+    request.inputs.add(name="x", datatype="FP32", shape=[1, 4])
+    request.raw_input_contents.append(np.ones((1, 4), np.float32).tobytes())
+    before = _execution_count(stub, "fragile")
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.ModelInfer(request)  # type: ignore[attr-defined]
+    assert caught.value.code() == grpc.StatusCode.INTERNAL  # type: ignore[attr-defined]
+    details = caught.value.details()  # type: ignore[attr-defined]
+    assert "onnxruntime failed to execute the model" in details
+    assert "onnxruntime_src" not in details and ".cc:" not in details
+    assert _execution_count(stub, "fragile") == before + 1

@@ -209,7 +209,7 @@ def test_strict_readiness(tmp_path: Path) -> None:
 def test_version_policies(tmp_path: Path, policy: str, served: list[str]) -> None:
     for version in (1, 2, 4):
         models.save(models.scale(float(version), ["batch", 1]), tmp_path, "m", version)
-    for ignored in ("0", "01", "latest", "3.5"):
+    for ignored in ("0", "01", "latest", "3.5", "²", "١"):
         (tmp_path / "m" / ignored).mkdir()
     (tmp_path / "m" / "config.pbtxt").write_text(policy)
     with serve(tmp_path) as server, server.client() as client:
@@ -270,3 +270,83 @@ def test_unknown_model_lists_available(tmp_path: Path) -> None:
             client.get_model_config("other")
         assert caught.value.status() == "StatusCode.NOT_FOUND"
         assert "this server has: only_one" in caught.value.message()
+
+
+def test_vector_tensors_get_dims_1_with_reshape(tmp_path: Path) -> None:
+    """A [batch] tensor auto-completes to dims [1] + reshape [], as in Triton."""
+    models.save(models.vector_sum(), tmp_path, "vector")
+    with serve(tmp_path) as server, server.client() as client:
+        config = client.get_model_config("vector").config
+        assert list(config.input[0].dims) == [1] and config.input[0].HasField("reshape")
+        assert [list(t.shape) for t in client.get_model_metadata("vector").inputs] == [[-1, 1]]
+        ids = grpcclient.InferInput("ids", [3, 1], "INT64")
+        ids.set_data_from_numpy(np.array([[1], [2], [3]], dtype=np.int64))
+        total = client.infer("vector", [ids]).as_numpy("total")
+        assert total.tolist() == [[2], [3], [4]]
+
+
+def test_max_batch_size_detection_ignores_strings_and_comments(tmp_path: Path) -> None:
+    models.save(
+        models.scale(1.0, ["batch", 4]),
+        tmp_path,
+        "in_string",
+        config=('parameters { key: "note" value: { string_value: "max_batch_size: 64" } }\n'),
+    )
+    models.save(
+        models.scale(1.0, ["batch", 4]),
+        tmp_path,
+        "hash_in_string",
+        config=('parameters { key: "k#" value: { string_value: "v" } } max_batch_size: 0\n'),
+    )
+    with serve(tmp_path) as server, server.client() as client:
+        assert client.get_model_config("in_string").config.max_batch_size == 4
+        assert client.get_model_config("hash_in_string").config.max_batch_size == 0
+
+
+def test_complete_config_without_auto_complete_needs_no_name_or_count(tmp_path: Path) -> None:
+    models.save(
+        models.scale(2.0, ["batch", 4]),
+        tmp_path,
+        "manual",
+        config=(
+            "max_batch_size: 2\n"
+            'input [ { name: "x" data_type: TYPE_FP32 dims: [ 4 ] } ]\n'
+            'output [ { name: "y" data_type: TYPE_FP32 dims: [ 4 ] } ]\n'
+            "instance_group [ { kind: KIND_CPU } ]\n"
+        ),
+    )
+    with serve(tmp_path, auto_complete_config=False) as server, server.client() as client:
+        assert index(client)[("manual", "1")] == ("READY", "")
+        config = client.get_model_config("manual").config
+        assert config.name == "manual" and config.instance_group[0].count == 1
+        np.testing.assert_array_equal(
+            infer_scale(client, "manual", np.ones((2, 4), np.float32)), np.full((2, 4), 2.0)
+        )
+
+
+def test_load_errors_never_show_server_paths(tmp_path: Path) -> None:
+    models.save(
+        models.scale(1.0, ["batch", 4]),
+        tmp_path,
+        "bad_library",
+        config='model_operations { op_library_filename: "libcustom.so" }\n',
+    )
+    (tmp_path / "bad_library" / "libcustom.so").write_bytes(b"not a shared library")
+    models.save(
+        models.scale(1.0, ["batch", 4]),
+        tmp_path,
+        "bad_reshape",
+        config=(
+            "max_batch_size: 2\n"
+            'output [ { name: "y" data_type: TYPE_FP32 dims: [ -1, -1 ] reshape: { shape: [ -1 ] } } ]\n'
+        ),
+    )
+    with serve(tmp_path) as server, server.client() as client:
+        entries = index(client)
+        state, reason = entries[("bad_library", "1")]
+        assert state == "UNAVAILABLE"
+        assert "model_operations library 'libcustom.so' could not be loaded" in reason
+        state, reason = entries[("bad_reshape", "1")]
+        assert state == "UNAVAILABLE" and "dims may contain at most one -1" in reason
+        for _, found in entries.values():
+            assert str(tmp_path) not in found and str(tmp_path.resolve()) not in found

@@ -51,6 +51,23 @@ def decode_request_parameters(request: pb.ModelInferRequest) -> dict[str, Any]:
     return parameters
 
 
+# Above this many elements decoded element by element in Python (BYTES, typed
+# contents), decoding moves off the event loop so it cannot stall other calls.
+INLINE_DECODE_LIMIT = 4096
+
+
+def python_decode_cost(request: pb.ModelInferRequest) -> int:
+    """Elements that decoding touches one by one; raw fixed-size tensors cost nothing."""
+    raw = request.raw_input_contents
+    cost = 0
+    for position, tensor in enumerate(request.inputs):
+        if tensor.datatype == "BYTES" and position < len(raw):
+            cost += len(raw[position]) // 4  # at most one element per length prefix
+        for _, values in tensor.contents.ListFields():
+            cost += len(values)
+    return cost
+
+
 def decode_infer_request(
     request: pb.ModelInferRequest, builder: RequestBuilder, received_ns: int
 ) -> InferenceRequest:

@@ -17,7 +17,12 @@ from ..model_config import PLATFORM
 from ..protocol import grpc_service_pb2 as pb
 from ..repository import ModelRegistry, ModelVersion, parse_version
 from ..statistics import Duration, StatsSnapshot
-from .codec import decode_infer_request, encode_infer_response
+from .codec import (
+    INLINE_DECODE_LIMIT,
+    decode_infer_request,
+    encode_infer_response,
+    python_decode_cost,
+)
 from .errors import GRPC_CODES, INTERNAL_MESSAGE, translate_errors
 
 log = logging.getLogger(__name__)
@@ -205,10 +210,14 @@ class InferenceServicer:
         self, request: pb.ModelInferRequest, received: int
     ) -> pb.ModelInferResponse:
         version = self._registry.resolve(request.model_name, request.model_version)
+        builder = RequestBuilder(version.signature, version.label)
         try:
-            core_request = decode_infer_request(
-                request, RequestBuilder(version.signature, version.label), received
-            )
+            if python_decode_cost(request) > INLINE_DECODE_LIMIT:
+                core_request = await asyncio.to_thread(
+                    decode_infer_request, request, builder, received
+                )
+            else:
+                core_request = decode_infer_request(request, builder, received)
         except ServingError as error:
             version.record_failure(received, error.status)
             raise
