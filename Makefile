@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: serve test install install-test system-packages check-protocol lint typecheck pytest protocol
+.PHONY: serve test install install-test install-train models system-packages check-protocol lint typecheck pytest protocol
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +20,17 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[cpu,test,dev]'
 	touch $@
 
+$(VENV)/.installed-train: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[cpu,train,client]'
+	touch $@
+
 install: $(VENV)/.installed-serve
 install-test: $(VENV)/.installed-test
+install-train: $(VENV)/.installed-train
+
+# Retrain and re-export every model of models/repository (MiniLM included), ~2-3 minutes.
+models: install-train
+	$(BIN)/python -m models build $(ARGS)
 
 serve: install
 	$(BIN)/batchwise serve $(ARGS)

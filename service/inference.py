@@ -8,8 +8,9 @@ then its contents. Nothing that fails here reaches onnxruntime.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -43,12 +44,21 @@ class InferenceResult:
     outputs: tuple[OutputTensor, ...]
 
 
+class Tokenizer(Protocol):
+    """Turns one request's strings into the model's token inputs (service.text)."""
+
+    def encode(self, texts: Sequence[str]) -> dict[str, np.ndarray]: ...
+
+
 class RequestBuilder:
     """Accumulates and checks the tensors of one request for one model version."""
 
-    def __init__(self, signature: ModelSignature, model_label: str) -> None:
+    def __init__(
+        self, signature: ModelSignature, model_label: str, tokenizer: Tokenizer | None = None
+    ) -> None:
         self._signature = signature
         self._label = model_label
+        self._tokenizer = tokenizer
         self._inputs: dict[str, np.ndarray] = {}
         self._batch_size: int | None = None
         self._batch_source = ""
@@ -144,6 +154,8 @@ class RequestBuilder:
         received_ns: int,
         parameters: dict[str, Any],
     ) -> InferenceRequest:
+        if self._signature.text_input is not None:
+            self._tokenize()
         missing = [
             s.name for s in self._signature.inputs if s.name not in self._inputs and not s.optional
         ]
@@ -155,6 +167,41 @@ class RequestBuilder:
         outputs = self._check_outputs(requested_outputs)
         batch = self._batch_size if self._batch_size is not None else 1
         return InferenceRequest(request_id, self._inputs, outputs, batch, received_ns, parameters)
+
+    def _tokenize(self) -> None:
+        """Text models: exactly one of the text input and the token inputs."""
+        text, tokens = self._signature.text_input, self._signature.token_inputs
+        assert text is not None
+        given = [name for name in tokens if name in self._inputs]
+        listing = ", ".join(repr(name) for name in tokens)
+        if text in self._inputs:
+            if given:
+                raise InvalidInputError(
+                    f"send either input '{text}' (strings) or the token inputs ({listing}), "
+                    "not both"
+                )
+            if self._tokenizer is None:
+                raise InvalidInputError(f"{self._label} cannot tokenize input '{text}'")
+            strings = self._inputs.pop(text).reshape(-1)
+            self._inputs.update(self._tokenizer.encode([str(s) for s in strings]))
+            return
+        if not given:
+            raise InvalidInputError(
+                f"{self._label} needs input '{text}' (one string per row) or the token "
+                f"inputs ({listing})"
+            )
+        missing = [name for name in tokens if name not in self._inputs]
+        if missing:
+            raise InvalidInputError(
+                f"{self._label} needs token input(s) {', '.join(repr(m) for m in missing)} "
+                f"alongside {', '.join(repr(g) for g in given)}"
+            )
+        length = self._inputs[given[0]].shape[-1]
+        if length > self._signature.max_tokens:
+            raise InvalidInputError(
+                f"input '{given[0]}' has {length} tokens; {self._label} accepts at most "
+                f"{self._signature.max_tokens}"
+            )
 
     def _check_outputs(self, requested: list[str]) -> tuple[str, ...]:
         if not requested:

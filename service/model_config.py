@@ -100,6 +100,10 @@ class ModelSignature:
     max_batch_size: int
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    # Text models: the BYTES input the server tokenizes, and the inputs it fills.
+    text_input: str | None = None
+    token_inputs: tuple[str, ...] = ()
+    max_tokens: int = 0  # longest token sequence accepted, text or token ids
 
     @property
     def batching(self) -> bool:

@@ -41,6 +41,7 @@ from .protocol import model_config_pb2 as mc
 from .runtime import CUDA, OnnxSession, available_providers, plan_placement, session_options
 from .settings import Settings
 from .statistics import ModelStats, RequestTimings
+from .text import TextEncoder, TextInputConfig, with_text_input
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +66,10 @@ class ModelVersion:
         signature: ModelSignature,
         session: OnnxSession,
         instance_count: int,
+        text_encoder: TextEncoder | None = None,
     ) -> None:
         self.name = name
+        self.text_encoder = text_encoder
         self.version = version
         self.config = config
         self.signature = signature
@@ -316,7 +319,14 @@ class ModelRegistry:
         else:
             config = normalized
         signature = validate_config(config, session.graph, name)
-        return ModelVersion(name, version, config, signature, session, placement.instance_count)
+        encoder = None
+        text = TextInputConfig.from_config(config, session.graph, [model_path.parent, model_dir])
+        if text is not None:
+            encoder = TextEncoder(text)
+            config, signature = with_text_input(config, signature, text)
+        return ModelVersion(
+            name, version, config, signature, session, placement.instance_count, encoder
+        )
 
     # ---------------------------------------------------------- resolving ---
 

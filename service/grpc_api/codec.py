@@ -51,8 +51,8 @@ def decode_request_parameters(request: pb.ModelInferRequest) -> dict[str, Any]:
     return parameters
 
 
-# Above this many elements decoded element by element in Python (BYTES, typed
-# contents), decoding moves off the event loop so it cannot stall other calls.
+# Above this much element-by-element work (typed values, BYTES payload bytes),
+# decoding moves off the event loop so it cannot stall other calls.
 INLINE_DECODE_LIMIT = 4096
 
 
@@ -62,7 +62,7 @@ def python_decode_cost(request: pb.ModelInferRequest) -> int:
     cost = 0
     for position, tensor in enumerate(request.inputs):
         if tensor.datatype == "BYTES" and position < len(raw):
-            cost += len(raw[position]) // 4  # at most one element per length prefix
+            cost += len(raw[position])  # strings are split, checked and maybe tokenized
         for _, values in tensor.contents.ListFields():
             cost += len(values)
     return cost

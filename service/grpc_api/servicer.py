@@ -210,7 +210,7 @@ class InferenceServicer:
         self, request: pb.ModelInferRequest, received: int
     ) -> pb.ModelInferResponse:
         version = self._registry.resolve(request.model_name, request.model_version)
-        builder = RequestBuilder(version.signature, version.label)
+        builder = RequestBuilder(version.signature, version.label, version.text_encoder)
         try:
             if python_decode_cost(request) > INLINE_DECODE_LIMIT:
                 core_request = await asyncio.to_thread(
