@@ -80,9 +80,7 @@ def export_with_parity(
             # The TorchScript exporter (dynamo=False, which needs no onnxscript) announces
             # its deprecation and traces data-dependent branches in transformers' code; the
             # parity check below is what decides whether the export is right.
-            warnings.simplefilter("ignore", DeprecationWarning)
-            warnings.simplefilter("ignore", FutureWarning)
-            warnings.simplefilter("ignore", UserWarning)
+            warnings.simplefilter("ignore")
             torch.onnx.export(
                 module,
                 example,
