@@ -278,7 +278,8 @@ print(client.infer("digits_cnn", [pixels]).as_numpy("probabilities").argmax(1))
 Or from a PNG: `python -m models.client digit models/samples/digit_3.png`.
 
 ## Batching
-onnxruntime alone on the build machine (2 CPU cores), median of timed runs:
+onnxruntime alone on the build machine (2 CPU cores); per size, the best of three interleaved
+rounds, each the median of its timed runs:
 
 {table}
 
@@ -344,7 +345,7 @@ Or: `python -m models.client classify "the view was not great but the staff was 
 
 ## Batching
 onnxruntime alone on the build machine (2 CPU cores), held-out texts padded to each batch's
-longest, median of timed runs:
+longest; per size, the best of three interleaved rounds, each the median of its timed runs:
 
 {table}
 
@@ -389,7 +390,8 @@ print(float(a @ b))   # cosine similarity
 Or: `python -m models.client embed "A man is playing guitar." "Someone plays an instrument."`.
 
 ## Batching
-onnxruntime alone on the build machine (2 CPU cores), 127-token sentences, median of timed runs:
+onnxruntime alone on the build machine (2 CPU cores), 127-token sentences; per size, the best of
+three interleaved rounds, each the median of its timed runs:
 
 {table}
 

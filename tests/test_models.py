@@ -275,3 +275,23 @@ def test_training_is_reproducible(monkeypatch: pytest.MonkeyPatch) -> None:
         weights.append(digits_cnn.train(split).state_dict())
     for name, tensor in weights[0].items():
         assert torch.equal(tensor, weights[1][name]), name
+
+
+def test_export_refuses_to_write_a_model_that_fails_parity(tmp_path: Path) -> None:
+    from models.common import ExportReport, ParityError, export_with_parity
+
+    def disagree(session: object) -> ExportReport:
+        raise ParityError("onnxruntime and torch disagree")
+
+    target = tmp_path / "model" / "1" / "model.onnx"
+    with pytest.raises(ParityError):
+        export_with_parity(
+            digits_cnn.DigitsCNN(),
+            (torch.zeros(1, 1, 8, 8),),
+            target,
+            ["pixels"],
+            ["probabilities"],
+            {"pixels": {0: "batch"}},
+            disagree,
+        )
+    assert not target.exists()
