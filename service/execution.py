@@ -1,17 +1,18 @@
-"""Executing validated requests on a model version's session.
+"""Executing a batch of validated requests as one onnxruntime run.
 
-`ModelRunner.execute` is synchronous and runs in a worker thread: it turns
-client-shaped inputs into model-shaped feeds (config `reshape`), runs the
-session, checks what the model produced against the configured outputs and
-encodes them. `InstancePool` bounds how many executions of one model version
-are in flight (instance_group count) and keeps them off the event loop.
+`ModelRunner.execute` runs in a worker thread. It merges the requests' inputs
+along the batch dimension (padding the inputs the config declares paddable to
+the longest in the batch), turns them into model-shaped feeds (config
+`reshape`), runs the session once, then splits every output back per request,
+cuts padded dimensions back to each request's own size, checks the shapes
+against the configuration and encodes the result.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -23,38 +24,88 @@ from .runtime import OnnxSession
 from .statistics import RequestTimings
 
 
+@dataclass
+class BatchOutcome:
+    results: list[InferenceResult]
+    elements: int = 0  # input elements fed to the model
+    padded_elements: int = 0  # of which padding
+
+
 class ModelRunner:
     def __init__(self, session: OnnxSession, signature: ModelSignature, label: str) -> None:
         self._session = session
         self._signature = signature
         self._label = label
-
-    def execute(self, request: InferenceRequest, timings: RequestTimings) -> InferenceResult:
-        started = time.perf_counter_ns()
-        feeds = {
-            name: self._to_model_shape(self._signature.input(name), array, request.batch_size)
-            for name, array in request.inputs.items()
+        # For each padded symbol (e.g. "sequence"), the outputs' axes that follow it.
+        self._padded_symbols: set[str | None] = {
+            spec.symbols[axis]
+            for spec in signature.inputs
+            if spec.name in signature.pad_values
+            for axis, dim in enumerate(spec.dims)
+            if dim == -1 and axis < len(spec.symbols) and spec.symbols[axis] is not None
         }
+
+    def execute(self, batch: Sequence[InferenceRequest], timings: RequestTimings) -> BatchOutcome:
+        """Run the batch once; `timings` records where the time went, even on failure."""
+        outcome = BatchOutcome([])
+        started = time.perf_counter_ns()
+        rows = sum(request.batch_size for request in batch)
+        feeds = {
+            name: self._to_model_shape(name, self._merge(name, batch, outcome), rows)
+            for name in batch[0].inputs
+        }
+        output_names = list(dict.fromkeys(name for r in batch for name in r.outputs))
         ready = time.perf_counter_ns()
         timings.compute_input_ns = ready - started
         timings.executed = True
         try:
-            produced = self._session.run(feeds, request.outputs)
+            produced = dict(zip(output_names, self._session.run(feeds, output_names), strict=True))
         finally:
             timings.compute_infer_ns = time.perf_counter_ns() - ready
         ran = time.perf_counter_ns()
-        outputs = tuple(
-            self._encode(self._signature.output(name), array, request.batch_size)
-            for name, array in zip(request.outputs, produced, strict=True)
-        )
+        offset = 0
+        for request in batch:
+            sizes = self._symbol_sizes(request)
+            outputs = tuple(
+                self._encode(name, produced[name], offset, request.batch_size, sizes)
+                for name in request.outputs
+            )
+            outcome.results.append(InferenceResult(outputs))
+            offset += request.batch_size
         timings.compute_output_ns = time.perf_counter_ns() - ran
-        return InferenceResult(outputs)
+        return outcome
 
-    def _to_model_shape(self, spec: TensorSpec | None, array: np.ndarray, batch: int) -> np.ndarray:
+    # ------------------------------------------------------------- inputs ---
+
+    def _merge(
+        self, name: str, batch: Sequence[InferenceRequest], outcome: BatchOutcome
+    ) -> np.ndarray:
+        arrays = [request.inputs[name] for request in batch]
+        outcome.elements += sum(a.size for a in arrays)
+        if len(arrays) == 1:
+            return arrays[0]
+        pad = self._signature.pad_values.get(name)
+        if pad is not None:
+            target = np.max([a.shape for a in arrays], axis=0)
+            padded = []
+            for array in arrays:
+                widths = [(0, int(t) - s) for s, t in zip(array.shape, target, strict=True)]
+                widths[0] = (0, 0)
+                if any(after for _, after in widths):
+                    grown = np.pad(array, widths, constant_values=pad)
+                    outcome.padded_elements += grown.size - array.size
+                    outcome.elements += grown.size - array.size
+                    array = grown
+                padded.append(array)
+            arrays = padded
+        return np.concatenate(arrays, axis=0)
+
+    def _to_model_shape(self, name: str, array: np.ndarray, rows: int) -> np.ndarray:
+        spec = self._signature.input(name)
         assert spec is not None, "inputs were validated against the signature"
         if spec.model_dims is None:
             return array
-        target = ([batch] if self._signature.batching else []) + list(spec.model_dims)
+        target = ([rows] if self._signature.batching else []) + list(spec.model_dims)
         try:
             return array.reshape(target)
         except ValueError:
@@ -63,15 +114,39 @@ class ModelRunner:
                 f"the model's shape {format_shape(target)}"
             ) from None
 
-    def _encode(self, spec: TensorSpec | None, array: np.ndarray, batch: int) -> OutputTensor:
+    def _symbol_sizes(self, request: InferenceRequest) -> dict[str, int]:
+        """This request's own sizes of the dims that padding may have grown."""
+        sizes: dict[str, int] = {}
+        if not self._padded_symbols:
+            return sizes
+        skip = 1 if self._signature.batching else 0
+        for spec in self._signature.inputs:
+            array = request.inputs.get(spec.name)
+            if array is None:
+                continue
+            for axis, symbol in enumerate(spec.symbols):
+                if symbol is not None and symbol in self._padded_symbols:
+                    sizes[symbol] = int(array.shape[axis + skip])
+        return sizes
+
+    # ------------------------------------------------------------ outputs ---
+
+    def _encode(
+        self, name: str, array: np.ndarray, offset: int, rows: int, sizes: dict[str, int]
+    ) -> OutputTensor:
+        spec = self._signature.output(name)
         assert spec is not None, "outputs were validated against the signature"
         batching = self._signature.batching
-        expected = ([batch] if batching else []) + list(spec.dims)
+        if batching:
+            array = array[offset : offset + rows]
+        expected = ([rows] if batching else []) + list(spec.dims)
         if spec.model_dims is not None:
             try:
                 array = array.reshape(expected)
             except ValueError:
                 raise self._mismatch(spec, array, expected) from None
+        if sizes:
+            array = self._cut(spec, array, sizes, 1 if batching else 0)
         if array.ndim != len(expected) or any(
             want != -1 and got != want for got, want in zip(array.shape, expected, strict=True)
         ):
@@ -80,6 +155,14 @@ class ModelRunner:
             spec.name, spec.datatype.name, tuple(array.shape), encode_raw(spec.datatype, array)
         )
 
+    @staticmethod
+    def _cut(spec: TensorSpec, array: np.ndarray, sizes: dict[str, int], skip: int) -> np.ndarray:
+        index: list[slice] = [slice(None)] * array.ndim
+        for axis, symbol in enumerate(spec.symbols):
+            if symbol in sizes and axis + skip < array.ndim:
+                index[axis + skip] = slice(0, sizes[symbol])
+        return array[tuple(index)]
+
     def _mismatch(
         self, spec: TensorSpec, array: np.ndarray, expected: list[int]
     ) -> ModelExecutionError:
@@ -87,25 +170,3 @@ class ModelRunner:
             f"{self._label} produced output '{spec.name}' with shape {format_shape(array.shape)}, "
             f"but its configuration declares {format_shape(expected)}"
         )
-
-
-class InstancePool:
-    """At most `count` executions of one model version at a time, in worker threads."""
-
-    def __init__(self, runner: ModelRunner, count: int, thread_prefix: str) -> None:
-        self._runner = runner
-        self._executor = ThreadPoolExecutor(max_workers=count, thread_name_prefix=thread_prefix)
-
-    async def run(self, request: InferenceRequest, timings: RequestTimings) -> InferenceResult:
-        """Execute in a worker thread, filling `timings` as it goes."""
-        submitted = time.perf_counter_ns()
-
-        def work() -> InferenceResult:
-            timings.queue_ns = time.perf_counter_ns() - submitted
-            return self._runner.execute(request, timings)
-
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, work)
-
-    def close(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)

@@ -29,6 +29,8 @@ class InferenceRequest:
     batch_size: int
     received_ns: int
     parameters: dict[str, Any] = field(default_factory=dict)
+    # perf_counter_ns() after which the client no longer waits (gRPC deadline); 0 = none.
+    deadline_ns: int = 0
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ the reader is an operator looking at a RepositoryIndex reason or a log line.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from google.protobuf import text_format
@@ -104,6 +104,8 @@ class ModelSignature:
     text_input: str | None = None
     token_inputs: tuple[str, ...] = ()
     max_tokens: int = 0  # longest token sequence accepted, text or token ids
+    # Inputs the batcher may pad along their variable dims, and the value to pad with.
+    pad_values: dict[str, float] = field(default_factory=dict)
 
     @property
     def batching(self) -> bool:
@@ -200,9 +202,12 @@ def complete_config(
 ) -> mc.ModelConfig:
     """Fill what config.pbtxt leaves out from the graph, the way Triton's auto-complete does.
 
-    Differences from Triton, both deliberate: an explicit `max_batch_size: 0`
-    is respected (Triton overrides it), and a partially described tensor
-    (name only) gets its type and dims filled rather than rejected. Like
+    Differences from Triton, all deliberate: an explicit `max_batch_size: 0`
+    is respected (Triton overrides it); `dynamic_batching {}` is added only
+    when auto-complete chose max_batch_size, so a config that sets
+    max_batch_size without dynamic_batching runs requests one by one as
+    written; and a partially described tensor (name only) gets its type and
+    dims filled rather than rejected. Like
     Triton, a tensor with no dims left (a [batch] vector, a scalar) becomes
     dims [1] with reshape [], so clients send [batch, 1].
     """
@@ -212,7 +217,8 @@ def complete_config(
     skip = 1 if config.max_batch_size > 0 else 0
     _complete_tensors(config.input, graph.inputs, skip)
     _complete_tensors(config.output, graph.outputs, skip)
-    if config.max_batch_size > 1 and config.WhichOneof("scheduling_choice") is None:
+    chosen_here = not file.max_batch_size_given
+    if chosen_here and config.max_batch_size > 1 and config.WhichOneof("scheduling_choice") is None:
         config.dynamic_batching.SetInParent()
     return config
 
@@ -311,13 +317,52 @@ def validate_config(
                 f"model input '{tensor.name}' is missing from config.pbtxt "
                 "(list it, or turn auto-complete on)"
             )
+    pad_values = parse_padding(config, inputs)
     overridable = {t.name for t in graph.overridable}
     for entry in config.input:
         if entry.optional and entry.name not in overridable:
             raise ModelConfigError(
                 f"input '{entry.name}' is marked optional but the model requires it"
             )
-    return ModelSignature(config.max_batch_size, inputs, outputs)
+    return ModelSignature(config.max_batch_size, inputs, outputs, pad_values=pad_values)
+
+
+def parse_padding(config: mc.ModelConfig, inputs: tuple[TensorSpec, ...]) -> dict[str, float]:
+    """`parameters { key: "padding" value: { string_value: "input_ids:0, attention_mask:0" } }`.
+
+    Declares that requests whose listed inputs differ in their variable (-1)
+    dims may still be batched, padded to the longest with the given value, and
+    that the model ignores the padding (an attention mask, say). Outputs are
+    cut back to each request's own sizes.
+    """
+    if "padding" not in config.parameters:
+        return {}
+    if config.max_batch_size < 1:
+        raise ModelConfigError("parameter 'padding' needs a batching model (max_batch_size > 0)")
+    values: dict[str, float] = {}
+    for item in config.parameters["padding"].string_value.split(","):
+        if not item.strip():
+            continue
+        name, separator, text = item.partition(":")
+        name = name.strip()
+        spec = next((s for s in inputs if s.name == name), None)
+        if not separator or spec is None:
+            raise ModelConfigError(
+                f"parameter 'padding' entry '{item.strip()}': expected <input>:<value> naming "
+                f"one of the inputs ({', '.join(s.name for s in inputs)})"
+            )
+        if spec.datatype.is_bytes or spec.model_dims is not None or -1 not in spec.dims:
+            raise ModelConfigError(
+                f"parameter 'padding': input '{name}' cannot be padded (it needs a numeric type, "
+                "a variable (-1) dimension and no reshape)"
+            )
+        try:
+            values[name] = float(text)
+        except ValueError:
+            raise ModelConfigError(
+                f"parameter 'padding': value '{text.strip()}' for input '{name}' is not a number"
+            ) from None
+    return values
 
 
 def _check_unique(specs: tuple[TensorSpec, ...], kind: str) -> None:

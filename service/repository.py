@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .batching import BatchingPolicy, Scheduler
 from .datatypes import format_shape
 from .errors import (
     InvalidInputError,
@@ -25,7 +26,7 @@ from .errors import (
     ServingError,
     Status,
 )
-from .execution import InstancePool, ModelRunner
+from .execution import ModelRunner
 from .inference import InferenceRequest, InferenceResult
 from .model_config import (
     ConfigFile,
@@ -40,7 +41,7 @@ from .model_config import (
 from .protocol import model_config_pb2 as mc
 from .runtime import CUDA, OnnxSession, available_providers, plan_placement, session_options
 from .settings import Settings
-from .statistics import ModelStats, RequestTimings
+from .statistics import ModelStats
 from .text import TextEncoder, TextInputConfig, with_text_input
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ class ModelVersion:
         config: mc.ModelConfig,
         signature: ModelSignature,
         session: OnnxSession,
+        policy: BatchingPolicy,
         instance_count: int,
         text_encoder: TextEncoder | None = None,
     ) -> None:
@@ -76,16 +78,20 @@ class ModelVersion:
         self.session = session
         self.label = f"model '{name}' version {version}"
         self.stats = ModelStats()
-        self._pool = InstancePool(
-            ModelRunner(session, signature, self.label), instance_count, f"{name}-v{version}"
+        self.scheduler = Scheduler(
+            ModelRunner(session, signature, self.label),
+            signature,
+            policy,
+            instance_count,
+            self.stats,
+            self.label,
         )
 
     async def infer(self, request: InferenceRequest) -> InferenceResult:
-        """Execute a validated request and account for its outcome."""
+        """Queue, batch and execute a validated request; account for its outcome."""
         self.stats.request_started()
-        timings = RequestTimings()
         try:
-            result = await self._pool.run(request, timings)
+            result, timings = await self.scheduler.infer(request)
         except ServingError as error:
             self.record_failure(request.received_ns, error.status)
             raise
@@ -97,9 +103,6 @@ class ModelVersion:
             raise
         finally:
             self.stats.request_finished()
-            if timings.executed:
-                # Counted whether or not the run succeeded, like Triton's execution_count.
-                self.stats.record_execution(request.batch_size, timings)
         self.stats.record_success(
             request.batch_size, time.perf_counter_ns() - request.received_ns, timings
         )
@@ -110,7 +113,7 @@ class ModelVersion:
         self.stats.record_failure(time.perf_counter_ns() - received_ns, status.value)
 
     def close(self) -> None:
-        self._pool.close()
+        self.scheduler.close()
 
 
 @dataclass
@@ -323,9 +326,10 @@ class ModelRegistry:
         text = TextInputConfig.from_config(config, session.graph, [model_path.parent, model_dir])
         if text is not None:
             encoder = TextEncoder(text)
-            config, signature = with_text_input(config, signature, text)
+            config, signature = with_text_input(config, signature, text, encoder.pad_id)
+        policy = BatchingPolicy.from_config(config, self._settings.default_max_queue_size)
         return ModelVersion(
-            name, version, config, signature, session, placement.instance_count, encoder
+            name, version, config, signature, session, policy, placement.instance_count, encoder
         )
 
     # ---------------------------------------------------------- resolving ---

@@ -83,6 +83,13 @@ class Settings:
         low=0.0,
         high=3600.0,
     )
+    default_max_queue_size: int = _setting(
+        1024,
+        "requests that may wait per model version and priority level when the config's "
+        "queue policy sets no max_queue_size; 0 = unbounded (Triton's default)",
+        low=0,
+        high=INT32_MAX,
+    )
     model_load_parallelism: int = _setting(
         2, "how many model versions load at the same time at start-up", low=1, high=64
     )

@@ -60,6 +60,8 @@ class StatsSnapshot:
     batches: dict[int, BatchDurations] = field(default_factory=dict)
     failures_by_status: Counter[str] = field(default_factory=Counter)
     in_flight: int = 0
+    input_elements: int = 0  # fed to the model, padding included
+    padded_elements: int = 0
 
 
 class ModelStats:
@@ -77,10 +79,14 @@ class ModelStats:
         with self._lock:
             self._data.in_flight -= 1
 
-    def record_execution(self, batch_size: int, timings: RequestTimings) -> None:
+    def record_execution(
+        self, batch_size: int, timings: RequestTimings, elements: int = 0, padded: int = 0
+    ) -> None:
         with self._lock:
             data = self._data
             data.execution_count += 1
+            data.input_elements += elements
+            data.padded_elements += padded
             batch = data.batches.setdefault(batch_size, BatchDurations())
             batch.compute_input.add(timings.compute_input_ns)
             batch.compute_infer.add(timings.compute_infer_ns)

@@ -149,12 +149,13 @@ class TextEncoder:
 
 
 def with_text_input(
-    config: mc.ModelConfig, signature: ModelSignature, settings: TextInputConfig
+    config: mc.ModelConfig, signature: ModelSignature, settings: TextInputConfig, pad_id: int
 ) -> tuple[mc.ModelConfig, ModelSignature]:
     """Add the BYTES text input to the config clients see and to the signature.
 
     Text and token inputs are alternatives, so all of them are marked optional;
-    the request builder insists on exactly one of the two kinds.
+    the request builder insists on exactly one of the two kinds. Token inputs
+    become paddable (pad id, mask 0), so texts of different lengths share batches.
     """
     text_spec = TensorSpec(settings.input_name, DATATYPES["BYTES"], (1,), optional=True)
     token_names = {name for name, _, _ in settings.targets}
@@ -168,8 +169,12 @@ def with_text_input(
         if entry.name in token_names:
             entry.optional = True
     completed.input.add(name=settings.input_name, data_type=mc.TYPE_STRING, dims=[1], optional=True)
+    pad_values = dict(signature.pad_values)
+    for name, role, _ in settings.targets:
+        pad_values.setdefault(name, float(pad_id) if role == "input_ids" else 0.0)
     return completed, replace(
         signature,
+        pad_values=pad_values,
         inputs=(text_spec, *inputs),
         text_input=settings.input_name,
         token_inputs=tuple(sorted(token_names)),

@@ -140,3 +140,98 @@ def fixed_reshape(target: int = 3) -> onnx.ModelProto:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", target])],
         [numpy_helper.from_array(np.array([-1, target], dtype=np.int64), "shape")],
     )
+
+
+def _busy_loop(steps_input: str) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """Nodes that spin for max(steps) iterations of a small matvec; their result is ×0.
+
+    Lets a test hold a model instance busy for as long as it likes without the
+    output depending on it: y stays exactly what the rest of the graph computes.
+    """
+    width = 64
+    rng = np.random.default_rng(0)
+    weight = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
+    body = helper.make_graph(
+        [
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+            helper.make_node("MatMul", ["h_in", "busy_w"], ["h_mul"]),
+            helper.make_node("Tanh", ["h_mul"], ["h_out"]),
+        ],
+        "busy_body",
+        [
+            helper.make_tensor_value_info("iteration", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("h_in", TensorProto.FLOAT, [1, width]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("h_out", TensorProto.FLOAT, [1, width]),
+        ],
+    )
+    nodes = [
+        helper.make_node("ReduceMax", [steps_input], ["busy_trips"], keepdims=0),
+        helper.make_node("Loop", ["busy_trips", "busy_true", "busy_h0"], ["busy_h"], body=body),
+        helper.make_node("ReduceSum", ["busy_h"], ["busy_sum"], keepdims=0),
+        helper.make_node("Mul", ["busy_sum", "busy_zero"], ["busy_nothing"]),
+    ]
+    initializers = [
+        numpy_helper.from_array(weight, "busy_w"),
+        numpy_helper.from_array(np.array(True), "busy_true"),
+        numpy_helper.from_array(np.full((1, width), 0.5, np.float32), "busy_h0"),
+        numpy_helper.from_array(np.array(0.0, np.float32), "busy_zero"),
+    ]
+    return nodes, initializers
+
+
+def sleepy_double(width: int = 4) -> onnx.ModelProto:
+    """y = 2x; `steps` [batch, 1] INT64 keeps the instance busy for max(steps) loop trips."""
+    busy, initializers = _busy_loop("steps")
+    nodes = [
+        *busy,
+        helper.make_node("Mul", ["x", "two"], ["doubled"]),
+        helper.make_node("Add", ["doubled", "busy_nothing"], ["y"]),
+    ]
+    return _model(
+        nodes,
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width]),
+            helper.make_tensor_value_info("steps", TensorProto.INT64, ["batch", 1]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", width])],
+        [*initializers, numpy_helper.from_array(np.array(2.0, np.float32), "two")],
+    )
+
+
+def sleepy_tokens() -> onnx.ModelProto:
+    """Per-token and pooled outputs of variable-length inputs with a mask (paddable).
+
+    doubled = 2 * tokens ([batch, seq]); mean = sum(tokens * mask) / sum(mask) ([batch, 1]);
+    `steps` keeps the instance busy as in sleepy_double.
+    """
+    busy, initializers = _busy_loop("steps")
+    nodes = [
+        *busy,
+        helper.make_node("Mul", ["tokens", "two"], ["twice"]),
+        helper.make_node("Add", ["twice", "busy_nothing"], ["doubled"]),
+        helper.make_node("Mul", ["tokens", "mask"], ["masked"]),
+        helper.make_node("ReduceSum", ["masked", "axis1"], ["total"], keepdims=1),
+        helper.make_node("ReduceSum", ["mask", "axis1"], ["count"], keepdims=1),
+        helper.make_node("Div", ["total", "count"], ["mean"]),
+    ]
+    return _model(
+        nodes,
+        [
+            helper.make_tensor_value_info("tokens", TensorProto.FLOAT, ["batch", "seq"]),
+            helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["batch", "seq"]),
+            helper.make_tensor_value_info("steps", TensorProto.INT64, ["batch", 1]),
+        ],
+        [
+            helper.make_tensor_value_info("doubled", TensorProto.FLOAT, ["batch", "seq"]),
+            helper.make_tensor_value_info("mean", TensorProto.FLOAT, ["batch", 1]),
+        ],
+        [
+            *initializers,
+            numpy_helper.from_array(np.array(2.0, np.float32), "two"),
+            numpy_helper.from_array(np.array([1], np.int64), "axis1"),
+        ],
+    )

@@ -197,17 +197,19 @@ class InferenceServicer:
 
     # ---------------------------------------------------------- inference ---
 
-    async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+    async def _infer(
+        self, request: pb.ModelInferRequest, time_remaining: float | None = None
+    ) -> pb.ModelInferResponse:
         received = time.perf_counter_ns()
         self._state.check_accepting()
         self._state.request_started()
         try:
-            return await self._infer_admitted(request, received)
+            return await self._infer_admitted(request, received, time_remaining)
         finally:
             self._state.request_finished()
 
     async def _infer_admitted(
-        self, request: pb.ModelInferRequest, received: int
+        self, request: pb.ModelInferRequest, received: int, time_remaining: float | None
     ) -> pb.ModelInferResponse:
         version = self._registry.resolve(request.model_name, request.model_version)
         builder = RequestBuilder(version.signature, version.label, version.text_encoder)
@@ -221,6 +223,8 @@ class InferenceServicer:
         except ServingError as error:
             version.record_failure(received, error.status)
             raise
+        if time_remaining is not None:
+            core_request.deadline_ns = received + int(time_remaining * 1e9)
         result = await version.infer(core_request)
         return encode_infer_response(version.name, version.version, request.id, result)
 
@@ -228,7 +232,7 @@ class InferenceServicer:
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: Any
     ) -> pb.ModelInferResponse:
-        return await self._infer(request)
+        return await self._infer(request, context.time_remaining())
 
     async def ModelStreamInfer(
         self, requests: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext

@@ -1,0 +1,542 @@
+"""The scheduler in front of each model version: queues, priorities, dynamic batching.
+
+Every model version has one `Scheduler`. It honours Triton's configuration
+(`max_batch_size`, `dynamic_batching { preferred_batch_size,
+max_queue_delay_microseconds, preserve_ordering, priority_levels,
+default_priority_level, default_queue_policy, priority_queue_policy }`,
+`instance_group` count) and answers overload at once: a full queue rejects
+with UNAVAILABLE ("Exceeds maximum queue size"), a request whose queue timeout
+expires is rejected ("Request timeout expired") or, with `timeout_action:
+DELAY`, moved behind everything else; a request whose client went away or
+whose gRPC deadline passed is dropped before it is computed. Models without
+`dynamic_batching` use the same queue and policies, one request per run.
+
+Dispatch policy
+---------------
+Triton sends a batch when it reaches a preferred size or `max_batch_size`, or
+when the oldest request has waited `max_queue_delay_microseconds`, so a lone
+request on an idle model always pays the full delay. Here the delay is an
+upper bound, spent only when waiting is predicted to lower latency:
+
+* While every instance is busy, requests simply accumulate; when an instance
+  frees, everything compatible that is queued goes out (cut at the largest
+  preferred size reachable, never above `max_batch_size`). Batch size thus
+  follows load with no timer involved.
+* When an instance is free and `n` rows are queued, sending them now costs the
+  next arrival the remainder of this run; waiting for it costs the `n` queued
+  rows the gap until it arrives. With execution time modelled as
+  `c(b) = a + beta * b` (least squares over recent runs of this model) and the
+  gap `g` between arrivals (moving average), waiting for one more request
+  lowers the total latency of the `n + 1` requests exactly when
+  `g < (a - n * beta) / (n + 1)`. Only then does the scheduler wait, for at
+  most `2 g` and never beyond the configured delay, re-deciding on every
+  arrival. A lone request on an idle model, or any model whose runs cost
+  little fixed overhead (`a` small, as on CPUs), is sent at once; a model with
+  a large fixed cost per run (a GPU) under heavy traffic waits the fraction of
+  a millisecond that fills the batch. No tuning of the delay is needed to get
+  both.
+
+Requests are batched only with requests of the same shape, except along the
+dims of inputs the configuration declares paddable (`padding` parameter, or a
+text model's token inputs): those are padded to the longest in the batch, and
+a request joins a batch only while padding stays under `MAX_PADDING_WASTE` of
+the batch's elements, which groups requests of similar length.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import (
+    InvalidInputError,
+    ServerUnavailableError,
+    ServingError,
+    Status,
+)
+from .execution import BatchOutcome, ModelRunner
+from .inference import InferenceRequest, InferenceResult
+from .model_config import ModelConfigError, ModelSignature
+from .protocol import model_config_pb2 as mc
+from .statistics import ModelStats, RequestTimings
+
+log = logging.getLogger(__name__)
+
+# A request joins a batch only if padding stays below this share of its elements.
+MAX_PADDING_WASTE = 0.25
+_COST_WINDOW = 64
+_ARRIVAL_SMOOTHING = 0.2
+
+
+class DeadlineExceededError(ServingError):
+    status = Status.DEADLINE_EXCEEDED
+
+
+@dataclass(frozen=True)
+class QueuePolicy:
+    """Triton's ModelQueuePolicy for one priority level."""
+
+    max_queue_size: int  # requests; 0 = unbounded
+    default_timeout_ns: int  # 0 = none
+    allow_timeout_override: bool
+    delay_on_timeout: bool
+
+    @staticmethod
+    def from_proto(policy: mc.ModelQueuePolicy, default_max_queue_size: int) -> QueuePolicy:
+        return QueuePolicy(
+            max_queue_size=policy.max_queue_size or default_max_queue_size,
+            default_timeout_ns=policy.default_timeout_microseconds * 1000,
+            allow_timeout_override=policy.allow_timeout_override,
+            delay_on_timeout=policy.timeout_action == mc.ModelQueuePolicy.DELAY,
+        )
+
+
+@dataclass(frozen=True)
+class BatchingPolicy:
+    merge: bool  # dynamic batching: several requests per run
+    max_batch_size: int  # rows per run when merging
+    preferred: tuple[int, ...]
+    max_delay_ns: int
+    preserve_ordering: bool
+    levels: int
+    default_level: int
+    queues: dict[int, QueuePolicy] = field(default_factory=dict)
+
+    @staticmethod
+    def from_config(config: mc.ModelConfig, default_max_queue_size: int) -> BatchingPolicy:
+        merge = config.WhichOneof("scheduling_choice") == "dynamic_batching"
+        batching = config.dynamic_batching
+        levels = max(int(batching.priority_levels), 1)
+        default_level = int(batching.default_priority_level) or (levels + 1) // 2
+        if not 1 <= default_level <= levels:
+            raise ModelConfigError(
+                f"dynamic_batching default_priority_level is {default_level}; expected 1 to "
+                f"{levels} (priority_levels)"
+            )
+        preferred = tuple(sorted(set(batching.preferred_batch_size)))
+        for size in preferred:
+            if not 1 <= size <= config.max_batch_size:
+                raise ModelConfigError(
+                    f"preferred_batch_size {size} is outside 1 to max_batch_size "
+                    f"{config.max_batch_size}"
+                )
+        default_queue = QueuePolicy.from_proto(
+            batching.default_queue_policy, default_max_queue_size
+        )
+        queues = {level: default_queue for level in range(1, levels + 1)}
+        for level, policy in batching.priority_queue_policy.items():
+            if not 1 <= level <= levels:
+                raise ModelConfigError(
+                    f"priority_queue_policy names level {level}; expected 1 to {levels}"
+                )
+            queues[int(level)] = QueuePolicy.from_proto(policy, default_max_queue_size)
+        return BatchingPolicy(
+            merge=merge and config.max_batch_size > 0,
+            max_batch_size=max(config.max_batch_size, 1),
+            preferred=preferred,
+            max_delay_ns=int(batching.max_queue_delay_microseconds) * 1000,
+            preserve_ordering=batching.preserve_ordering,
+            levels=levels,
+            default_level=default_level,
+            queues=queues,
+        )
+
+
+class _Pending:
+    """A request waiting in (or just dispatched from) the queue."""
+
+    __slots__ = (
+        "deadline_ns",
+        "delayed",
+        "dispatched_ns",
+        "enqueued_ns",
+        "expiry",
+        "future",
+        "key",
+        "length",
+        "level",
+        "outcome",
+        "request",
+        "rows",
+        "sequence",
+    )
+
+    def __init__(
+        self,
+        request: InferenceRequest,
+        level: int,
+        sequence: int,
+        key: Any,
+        length: int,
+        future: asyncio.Future[tuple[InferenceResult, RequestTimings]],
+    ) -> None:
+        self.request = request
+        self.rows = request.batch_size
+        self.level = level
+        self.sequence = sequence
+        self.key = key
+        self.length = length
+        self.future = future
+        self.enqueued_ns = time.perf_counter_ns()
+        self.dispatched_ns = 0
+        self.deadline_ns = request.deadline_ns
+        self.expiry: asyncio.TimerHandle | None = None
+        self.delayed = False
+        self.outcome: tuple[InferenceResult, RequestTimings] | BaseException | None = None
+
+
+class _CostModel:
+    """Execution time as a + beta * rows, fitted over this model's recent runs."""
+
+    def __init__(self) -> None:
+        self._runs: collections.deque[tuple[int, int]] = collections.deque(maxlen=_COST_WINDOW)
+
+    def add(self, rows: int, duration_ns: int) -> None:
+        self._runs.append((rows, duration_ns))
+
+    def fit(self) -> tuple[float, float] | None:
+        if len(self._runs) < 4:
+            return None
+        count = len(self._runs)
+        mean_rows = sum(r for r, _ in self._runs) / count
+        mean_ns = sum(d for _, d in self._runs) / count
+        spread = sum((r - mean_rows) ** 2 for r, _ in self._runs)
+        if spread == 0:  # one batch size seen so far: all of it is fixed cost per row
+            return None
+        beta = sum((r - mean_rows) * (d - mean_ns) for r, d in self._runs) / spread
+        beta = max(beta, 0.0)
+        return max(mean_ns - beta * mean_rows, 0.0), beta
+
+
+class Scheduler:
+    """Queues, batches and runs the requests of one model version."""
+
+    def __init__(
+        self,
+        runner: ModelRunner,
+        signature: ModelSignature,
+        policy: BatchingPolicy,
+        instances: int,
+        stats: ModelStats,
+        label: str,
+    ) -> None:
+        self._runner = runner
+        self._signature = signature
+        self.policy = policy
+        self._stats = stats
+        self._label = label
+        self._executor = ThreadPoolExecutor(max_workers=instances, thread_name_prefix=label)
+        self._instances = instances
+        self._free = instances
+        # One deque per priority level (1 = highest), then one for DELAYed requests.
+        self._queues: list[collections.deque[_Pending]] = [
+            collections.deque() for _ in range(policy.levels + 1)
+        ]
+        self.queued_requests = 0
+        self._sequence = 0
+        self._unreleased: collections.deque[_Pending] = collections.deque()
+        self._timer: asyncio.TimerHandle | None = None
+        self._costs = _CostModel()
+        self._gap_ns: float | None = None
+        self._last_arrival_ns = 0
+        self._padded = tuple(sorted(signature.pad_values))
+
+    @property
+    def running(self) -> int:
+        """Executions in flight now (at most the instance count)."""
+        return self._instances - self._free
+
+    # ------------------------------------------------------------ submit ---
+
+    async def infer(self, request: InferenceRequest) -> tuple[InferenceResult, RequestTimings]:
+        level = self._level(request)
+        queue_policy = self.policy.queues[level]
+        waiting = len(self._queues[level - 1])
+        if queue_policy.max_queue_size and waiting >= queue_policy.max_queue_size:
+            raise ServerUnavailableError(
+                f"Exceeds maximum queue size: {self._label} has {waiting} requests queued at "
+                f"priority {level} (max_queue_size {queue_policy.max_queue_size})"
+            )
+        loop = asyncio.get_running_loop()
+        key, length = self._batch_key(request)
+        pending = _Pending(request, level, self._sequence, key, length, loop.create_future())
+        self._sequence += 1
+        self._note_arrival(pending.enqueued_ns)
+        timeout = self._timeout_ns(request, queue_policy)
+        if timeout:
+            pending.expiry = loop.call_later(
+                timeout / 1e9, self._expire, pending, queue_policy.delay_on_timeout
+            )
+        self._queues[level - 1].append(pending)
+        self.queued_requests += 1
+        if self.policy.preserve_ordering:
+            self._unreleased.append(pending)
+        self._dispatch()
+        try:
+            return await pending.future
+        except asyncio.CancelledError:
+            # The client went away: if still queued, nobody computes it.
+            if self._remove(pending):
+                self._finish(pending, asyncio.CancelledError())
+            raise
+
+    def _level(self, request: InferenceRequest) -> int:
+        priority = request.parameters.get("priority", 0)
+        if priority == 0:
+            return self.policy.default_level
+        if priority > self.policy.levels:
+            raise InvalidInputError(
+                f"parameter 'priority' is {priority}; {self._label} has priority levels 1 to "
+                f"{self.policy.levels} (1 is highest, 0 the default)"
+            )
+        return int(priority)
+
+    @staticmethod
+    def _timeout_ns(request: InferenceRequest, policy: QueuePolicy) -> int:
+        timeout = policy.default_timeout_ns
+        requested = request.parameters.get("timeout", 0)
+        if requested and policy.allow_timeout_override:
+            timeout = min(timeout, requested * 1000) if timeout else requested * 1000
+        return timeout
+
+    def _batch_key(self, request: InferenceRequest) -> tuple[Any, int]:
+        """Requests batch together when their keys match; `length` is the padded extent."""
+        if not self.policy.merge:
+            return None, 0
+        parts = []
+        length = 1
+        for name in sorted(request.inputs):
+            shape = request.inputs[name].shape[1:]
+            if name in self._padded:
+                length = max(length, _product(shape))
+                shape = tuple(-1 for _ in shape)
+            parts.append((name, tuple(shape)))
+        return tuple(parts), length
+
+    def _note_arrival(self, now: int) -> None:
+        if self._last_arrival_ns:
+            gap = now - self._last_arrival_ns
+            self._gap_ns = (
+                float(gap)
+                if self._gap_ns is None
+                else _ARRIVAL_SMOOTHING * gap + (1 - _ARRIVAL_SMOOTHING) * self._gap_ns
+            )
+        self._last_arrival_ns = now
+
+    # ---------------------------------------------------- leaving the queue ---
+
+    def _remove(self, pending: _Pending) -> bool:
+        queue = self._queues[-1] if pending.delayed else self._queues[pending.level - 1]
+        try:
+            queue.remove(pending)
+        except ValueError:
+            return False
+        self.queued_requests -= 1
+        if pending.expiry is not None:
+            pending.expiry.cancel()
+        return True
+
+    def _fail(self, pending: _Pending, error: BaseException) -> None:
+        if self._remove(pending):
+            self._finish(pending, error)
+
+    def _expire(self, pending: _Pending, delay: bool) -> None:
+        if delay:
+            if self._remove(pending):
+                pending.delayed = True
+                pending.expiry = None
+                self._queues[-1].append(pending)
+                self.queued_requests += 1
+            return
+        self._fail(
+            pending,
+            ServerUnavailableError(
+                f"Request timeout expired: the request waited in {self._label}'s queue longer than "
+                "its timeout"
+            ),
+        )
+        self._dispatch()
+
+    def _finish(
+        self, pending: _Pending, outcome: tuple[InferenceResult, RequestTimings] | BaseException
+    ) -> None:
+        """Deliver a result or error, in arrival order when preserve_ordering is set."""
+        pending.outcome = outcome
+        if not self.policy.preserve_ordering:
+            self._deliver(pending)
+            return
+        while self._unreleased and self._unreleased[0].outcome is not None:
+            self._deliver(self._unreleased.popleft())
+
+    @staticmethod
+    def _deliver(pending: _Pending) -> None:
+        if pending.future.done():
+            return
+        if isinstance(pending.outcome, BaseException):
+            pending.future.set_exception(pending.outcome)
+        elif pending.outcome is not None:
+            pending.future.set_result(pending.outcome)
+
+    # ---------------------------------------------------------- dispatch ---
+
+    def _dispatch(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        while self._free > 0 and self.queued_requests > 0:
+            batch = self._select()
+            if not batch:
+                return
+            self._free -= 1
+            asyncio.get_running_loop().create_task(self._run(batch))
+
+    def _ordered(self) -> list[_Pending]:
+        return [pending for queue in self._queues for pending in queue]
+
+    def _select(self) -> list[_Pending] | None:
+        now = time.perf_counter_ns()
+        for pending in self._ordered():
+            if pending.deadline_ns and pending.deadline_ns <= now:
+                self._fail(
+                    pending,
+                    DeadlineExceededError(
+                        f"the request's deadline passed while it waited in {self._label}'s queue"
+                    ),
+                )
+        candidates = self._ordered()
+        if not candidates:
+            return None
+        head = candidates[0]
+        if not self.policy.merge:
+            batch = [head]
+        else:
+            batch = self._gather(head, candidates)
+            rows = sum(p.rows for p in batch)
+            full = rows >= self._target(rows)
+            if not full and self._should_wait(rows, head, now):
+                return None
+        for pending in batch:
+            self._remove(pending)
+            pending.dispatched_ns = now
+        return batch
+
+    def _gather(self, head: _Pending, candidates: Sequence[_Pending]) -> list[_Pending]:
+        """Compatible requests in priority-then-arrival order, whole, within the limits."""
+        limit = self.policy.max_batch_size
+        preferred = self.policy.preferred
+        batch = [head]
+        rows = head.rows
+        longest = head.length
+        useful = head.rows * head.length
+        for pending in candidates[1:]:
+            if rows >= limit or (preferred and rows in preferred and rows >= preferred[-1]):
+                break
+            if pending.key != head.key or rows + pending.rows > limit:
+                continue
+            new_longest = max(longest, pending.length)
+            new_rows = rows + pending.rows
+            new_useful = useful + pending.rows * pending.length
+            if self._padded and new_useful < (1 - MAX_PADDING_WASTE) * new_rows * new_longest:
+                continue
+            batch.append(pending)
+            rows, longest, useful = new_rows, new_longest, new_useful
+        if preferred:
+            batch = self._cut_to_preferred(batch)
+        return batch
+
+    def _cut_to_preferred(self, batch: list[_Pending]) -> list[_Pending]:
+        """The longest prefix whose rows hit the largest preferred size reachable."""
+        total = 0
+        prefix_rows = []
+        for pending in batch:
+            total += pending.rows
+            prefix_rows.append(total)
+        for size in reversed(self.policy.preferred):
+            if size in prefix_rows:
+                return batch[: prefix_rows.index(size) + 1]
+        return batch
+
+    def _target(self, rows: int) -> int:
+        """The batch size worth waiting for: the smallest preferred size above `rows`."""
+        for size in self.policy.preferred:
+            if size >= rows:
+                return size
+        return self.policy.max_batch_size
+
+    def _should_wait(self, rows: int, head: _Pending, now: int) -> bool:
+        """Wait only if the next arrival is expected soon enough to lower total latency."""
+        budget = self.policy.max_delay_ns - (now - head.enqueued_ns)
+        if budget <= 0 or self._gap_ns is None:
+            return False
+        if now - self._last_arrival_ns > 4 * self._gap_ns:
+            return False  # the stream of arrivals has paused
+        fit = self._costs.fit()
+        if fit is None:
+            return False
+        fixed, per_row = fit
+        if self._gap_ns >= (fixed - rows * per_row) / (rows + 1):
+            return False
+        wait = min(budget, 2 * self._gap_ns)
+        self._timer = asyncio.get_running_loop().call_later(wait / 1e9, self._dispatch)
+        return True
+
+    # --------------------------------------------------------- execution ---
+
+    async def _run(self, batch: list[_Pending]) -> None:
+        loop = asyncio.get_running_loop()
+        rows = sum(p.rows for p in batch)
+        timings = RequestTimings()
+        try:
+            outcome: BatchOutcome = await loop.run_in_executor(
+                self._executor, self._runner.execute, [p.request for p in batch], timings
+            )
+        except BaseException as error:  # delivered to every request of the batch
+            if timings.executed:  # onnxruntime ran (and failed): it counts as an execution
+                self._stats.record_execution(rows, timings, 0, 0)
+            delivered = (
+                error
+                if isinstance(error, Exception)
+                else ServerUnavailableError("the server is shutting down")
+            )
+            for pending in batch:
+                self._finish(pending, delivered)
+            if not isinstance(error, Exception):
+                raise
+        else:
+            self._costs.add(
+                rows,
+                timings.compute_input_ns + timings.compute_infer_ns + timings.compute_output_ns,
+            )
+            self._stats.record_execution(rows, timings, outcome.elements, outcome.padded_elements)
+            for pending, result in zip(batch, outcome.results, strict=True):
+                own = RequestTimings(
+                    queue_ns=pending.dispatched_ns - pending.enqueued_ns,
+                    compute_input_ns=timings.compute_input_ns,
+                    compute_infer_ns=timings.compute_infer_ns,
+                    compute_output_ns=timings.compute_output_ns,
+                    executed=True,
+                )
+                self._finish(pending, (result, own))
+        finally:
+            self._free += 1
+            self._dispatch()
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        for pending in self._ordered():
+            self._fail(pending, ServerUnavailableError("the model is unloading"))
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _product(shape: Sequence[int]) -> int:
+    result = 1
+    for size in shape:
+        result *= int(size)
+    return result

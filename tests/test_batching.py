@@ -1,0 +1,343 @@
+"""The scheduler through the wire: batching, preferred sizes, queue policy, priorities,
+deadlines, cancellation, ordering and padding.
+
+The `sleepy_*` models spin for max(steps) loop trips without changing their
+output, so a test can keep the single instance busy while it lines requests up
+behind it, then check what the scheduler did with them. Nothing here measures
+time; the checks are about order, grouping and status codes.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from tests import onnx_models as models
+from tests.conftest import ServerThread, serve
+
+BUSY_STEPS = 150_000  # about 0.7 s of one busy instance
+MODELS: dict[str, tuple[Callable[[], Any], str]] = {
+    "batched": (
+        models.sleepy_double,
+        "max_batch_size: 8\ndynamic_batching { max_queue_delay_microseconds: 10000000 }\n",
+    ),
+    "preferred": (
+        models.sleepy_double,
+        "max_batch_size: 8\ndynamic_batching { preferred_batch_size: [ 4 ] }\n",
+    ),
+    "plain": (models.sleepy_double, "max_batch_size: 8\n"),
+    "bounded": (
+        models.sleepy_double,
+        "max_batch_size: 1\ndynamic_batching { default_queue_policy { max_queue_size: 2 } }\n",
+    ),
+    "timeouts": (
+        models.sleepy_double,
+        "max_batch_size: 1\ndynamic_batching { "
+        "default_queue_policy { default_timeout_microseconds: 100000 } }\n",
+    ),
+    "override": (
+        models.sleepy_double,
+        "max_batch_size: 1\ndynamic_batching { "
+        "default_queue_policy { allow_timeout_override: true } }\n",
+    ),
+    "delayed": (
+        models.sleepy_double,
+        "max_batch_size: 1\ndynamic_batching { "
+        "default_queue_policy { timeout_action: DELAY allow_timeout_override: true } }\n",
+    ),
+    "priorities": (
+        models.sleepy_double,
+        "max_batch_size: 1\ndynamic_batching { priority_levels: 2 default_priority_level: 2 }\n",
+    ),
+    "ordered": (
+        models.sleepy_double,
+        "max_batch_size: 8\ndynamic_batching { "
+        "preserve_ordering: true }\ninstance_group [ { count: 2 } ]\n",
+    ),
+    "unordered": (
+        models.sleepy_double,
+        "max_batch_size: 8\ndynamic_batching { }\ninstance_group [ { count: 2 } ]\n",
+    ),
+    "tokens": (
+        models.sleepy_tokens,
+        "max_batch_size: 16\ndynamic_batching { }\n"
+        'parameters { key: "padding" value: { string_value: "tokens:0, mask:0" } }\n',
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    root = tmp_path_factory.mktemp("batching")
+    for name, (build, config) in MODELS.items():
+        models.save(build(), root, name, config=config)
+    with serve(root) as running:
+        yield running
+
+
+def double_inputs(rows: int, steps: int = 0, value: float = 1.0) -> list[grpcclient.InferInput]:
+    x = grpcclient.InferInput("x", [rows, 4], "FP32")
+    x.set_data_from_numpy(np.full((rows, 4), value, np.float32))
+    s = grpcclient.InferInput("steps", [rows, 1], "INT64")
+    s.set_data_from_numpy(np.full((rows, 1), steps, np.int64))
+    return [x, s]
+
+
+class Lineup:
+    """Holds a model's only instance busy, then queues requests behind it."""
+
+    def __init__(self, server: ServerThread, model: str) -> None:
+        self.server = server
+        self.model = model
+        self.version = server.server.registry.resolve(model, "")
+        self.pool = ThreadPoolExecutor(max_workers=32)
+        self.finished: list[str] = []
+        self._lock = threading.Lock()
+
+    def _call(self, tag: str, inputs: list[grpcclient.InferInput], **options: Any) -> Any:
+        with self.server.client() as client:
+            try:
+                result: Any = client.infer(self.model, inputs, request_id=tag, **options)
+            except InferenceServerException as error:
+                result = error
+        with self._lock:
+            self.finished.append(tag)
+        return result
+
+    def submit(self, tag: str, inputs: list[grpcclient.InferInput], **options: Any) -> Any:
+        return self.pool.submit(self._call, tag, inputs, **options)
+
+    def hold(self) -> Any:
+        busy = self.submit("busy", double_inputs(1, BUSY_STEPS))
+        self.wait_until(lambda: self.version.scheduler.running == self.version.scheduler._instances)
+        return busy
+
+    def wait_until(self, condition: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 30
+        while not condition():
+            assert time.monotonic() < deadline, "the server never reached the expected state"
+            time.sleep(0.002)
+
+    def wait_queued(self, count: int) -> None:
+        self.wait_until(lambda: self.version.scheduler.queued_requests >= count)
+
+    def stats(self) -> Any:
+        return self.version.stats.snapshot()
+
+
+def test_requests_that_queue_behind_a_busy_instance_run_as_one_batch(server: ServerThread) -> None:
+    lineup = Lineup(server, "batched")
+    before = lineup.stats()
+    busy = lineup.hold()
+    waiting = [lineup.submit(f"r{i}", double_inputs(1, value=i)) for i in range(8)]
+    lineup.wait_queued(8)
+    results = [future.result(60) for future in waiting]
+    busy.result(60)
+    for index, result in enumerate(results):
+        np.testing.assert_array_equal(result.as_numpy("y"), np.full((1, 4), 2.0 * index))
+    after = lineup.stats()
+    assert after.execution_count - before.execution_count == 2  # the busy run + one batch of 8
+    assert after.batches[8].compute_infer.count >= 1
+
+
+def test_a_lone_request_does_not_wait_out_the_queue_delay(server: ServerThread) -> None:
+    """max_queue_delay_microseconds is 10 s on `batched`; an idle model answers at once."""
+    with server.client() as client:
+        client.infer("batched", double_inputs(1))  # a run to learn from
+        before = client.get_inference_statistics("batched").model_stats[0].inference_stats
+        client.infer("batched", double_inputs(1))
+        after = client.get_inference_statistics("batched").model_stats[0].inference_stats
+    queued_ns = after.queue.ns - before.queue.ns
+    assert after.queue.count - before.queue.count == 1
+    assert queued_ns < 2_000_000_000, f"waited {queued_ns / 1e9:.1f} s of the 10 s delay"
+
+
+def test_without_dynamic_batching_requests_run_one_by_one(server: ServerThread) -> None:
+    lineup = Lineup(server, "plain")
+    before = lineup.stats()
+    busy = lineup.hold()
+    waiting = [lineup.submit(f"r{i}", double_inputs(1)) for i in range(4)]
+    lineup.wait_queued(4)
+    for future in [*waiting, busy]:
+        future.result(60)
+    assert lineup.stats().execution_count - before.execution_count == 5
+
+
+def test_preferred_batch_size_cuts_the_queue(server: ServerThread) -> None:
+    lineup = Lineup(server, "preferred")
+    before = lineup.stats()
+    busy = lineup.hold()
+    waiting = [lineup.submit(f"r{i}", double_inputs(1)) for i in range(6)]
+    lineup.wait_queued(6)
+    for future in [*waiting, busy]:
+        future.result(60)
+    after = lineup.stats()
+    new = {
+        size: after.batches[size].compute_infer.count
+        - (before.batches[size].compute_infer.count if size in before.batches else 0)
+        for size in after.batches
+    }
+    assert new.get(4) == 1 and new.get(2) == 1, new
+
+
+def test_multi_row_requests_are_packed_whole(server: ServerThread) -> None:
+    lineup = Lineup(server, "batched")
+    before = lineup.stats()
+    busy = lineup.hold()
+    waiting = [lineup.submit(f"r{i}", double_inputs(3, value=i)) for i in range(3)]
+    lineup.wait_queued(3)
+    results = [future.result(60) for future in waiting]
+    busy.result(60)
+    for index, result in enumerate(results):
+        np.testing.assert_array_equal(result.as_numpy("y"), np.full((3, 4), 2.0 * index))
+    after = lineup.stats()
+    sizes = {
+        size
+        for size in after.batches
+        if after.batches[size].compute_infer.count
+        > (before.batches[size].compute_infer.count if size in before.batches else 0)
+    }
+    assert sizes == {1, 6, 3}, sizes  # busy(1), then 3+3 (9 rows would exceed 8), then 3
+
+
+def test_full_queue_is_rejected_at_once(server: ServerThread) -> None:
+    lineup = Lineup(server, "bounded")
+    busy = lineup.hold()
+    queued = [lineup.submit(f"q{i}", double_inputs(1)) for i in range(2)]
+    lineup.wait_queued(2)
+    rejected = [lineup.submit(f"x{i}", double_inputs(1)) for i in range(3)]
+    outcomes = [future.result(60) for future in rejected]
+    # the rejections came back while the instance was still busy, not when it freed
+    assert "busy" not in lineup.finished
+    for outcome in outcomes:
+        assert isinstance(outcome, InferenceServerException)
+        assert outcome.status() == "StatusCode.UNAVAILABLE"
+        assert "Exceeds maximum queue size" in outcome.message()
+    for future in [*queued, busy]:
+        assert not isinstance(future.result(60), InferenceServerException)
+
+
+def test_queue_timeout_rejects(server: ServerThread) -> None:
+    lineup = Lineup(server, "timeouts")
+    busy = lineup.hold()
+    late = lineup.submit("late", double_inputs(1)).result(60)
+    assert isinstance(late, InferenceServerException)
+    assert late.status() == "StatusCode.UNAVAILABLE"
+    assert "Request timeout expired" in late.message()
+    assert "busy" not in lineup.finished  # rejected when its timeout expired, not later
+    busy.result(60)
+
+
+def test_timeout_parameter_overrides_when_allowed(server: ServerThread) -> None:
+    lineup = Lineup(server, "override")
+    busy = lineup.hold()
+    late = lineup.submit("late", double_inputs(1), timeout=100_000).result(60)
+    patient = lineup.submit("patient", double_inputs(1))
+    assert isinstance(late, InferenceServerException)
+    assert "Request timeout expired" in late.message()
+    assert not isinstance(patient.result(60), InferenceServerException)
+    busy.result(60)
+
+
+def test_delay_action_moves_expired_requests_behind_the_others(server: ServerThread) -> None:
+    lineup = Lineup(server, "delayed")
+    busy = lineup.hold()
+    expired = lineup.submit("expired", double_inputs(1), timeout=1_000)
+    lineup.wait_queued(1)
+    time.sleep(0.05)  # let its 1 ms timeout pass while it waits
+    fresh = lineup.submit("fresh", double_inputs(1))
+    lineup.wait_queued(2)
+    for future in (busy, expired, fresh):
+        assert not isinstance(future.result(60), InferenceServerException)
+    assert lineup.finished.index("fresh") < lineup.finished.index("expired")
+
+
+def test_higher_priority_is_served_first(server: ServerThread) -> None:
+    lineup = Lineup(server, "priorities")
+    busy = lineup.hold()
+    low = [lineup.submit(f"low{i}", double_inputs(1)) for i in range(3)]
+    lineup.wait_queued(3)
+    high = lineup.submit("high", double_inputs(1), priority=1)
+    lineup.wait_queued(4)
+    for future in [busy, *low, high]:
+        assert not isinstance(future.result(60), InferenceServerException)
+    order = [tag for tag in lineup.finished if tag != "busy"]
+    assert order[0] == "high", order
+
+
+def test_priority_out_of_range(server: ServerThread) -> None:
+    with server.client() as client, pytest.raises(InferenceServerException) as caught:
+        client.infer("priorities", double_inputs(1), priority=3)
+    assert caught.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "priority levels 1 to 2" in caught.value.message()
+
+
+def test_expired_deadline_and_cancelled_requests_are_never_computed(server: ServerThread) -> None:
+    lineup = Lineup(server, "batched")
+    before = lineup.stats()
+    busy = lineup.hold()
+    expired = lineup.submit("expired", double_inputs(2), client_timeout=0.05)
+    with server.client() as client:
+        cancelled = client.async_infer("batched", double_inputs(3), callback=lambda r, e: None)
+        lineup.wait_queued(2)
+        cancelled.cancel()
+    outcome = expired.result(60)
+    assert isinstance(outcome, InferenceServerException)
+    assert outcome.status() == "StatusCode.DEADLINE_EXCEEDED"
+    busy.result(60)
+    lineup.wait_until(lambda: lineup.version.scheduler.queued_requests == 0)
+    after = lineup.stats()
+    assert after.execution_count - before.execution_count == 1  # only the busy request ran
+    assert after.inference_count - before.inference_count == 1
+
+
+@pytest.mark.parametrize(("model", "in_order"), [("ordered", True), ("unordered", False)])
+def test_preserve_ordering(server: ServerThread, model: str, in_order: bool) -> None:
+    """Two instances: a slow request, then a fast one that finishes first on the other."""
+    lineup = Lineup(server, model)
+    slow = lineup.submit("slow", double_inputs(1, BUSY_STEPS))
+    lineup.wait_until(lambda: lineup.version.scheduler.running == 1)
+    fast = lineup.submit("fast", double_inputs(1))
+    for future in (slow, fast):
+        assert not isinstance(future.result(60), InferenceServerException)
+    assert (lineup.finished == ["slow", "fast"]) is in_order, lineup.finished
+
+
+def token_inputs(length: int, value: float, steps: int = 0) -> list[grpcclient.InferInput]:
+    tokens = np.arange(length, dtype=np.float32) + value
+    arrays = {"tokens": tokens[None, :], "mask": np.ones((1, length), np.float32)}
+    inputs = []
+    for name, array in arrays.items():
+        tensor = grpcclient.InferInput(name, list(array.shape), "FP32")
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    steps_input = grpcclient.InferInput("steps", [1, 1], "INT64")
+    steps_input.set_data_from_numpy(np.array([[steps]], np.int64))
+    return [*inputs, steps_input]
+
+
+def test_variable_lengths_are_padded_together_and_cut_back(server: ServerThread) -> None:
+    lineup = Lineup(server, "tokens")
+    before = lineup.stats()
+    busy = lineup.submit("busy", token_inputs(4, 0, BUSY_STEPS))
+    lineup.wait_until(lambda: lineup.version.scheduler.running == 1)
+    lengths = [10, 11, 12, 9, 50]  # 50 is too far from the others to share their batch
+    waiting = [lineup.submit(f"r{i}", token_inputs(n, 100.0 * i)) for i, n in enumerate(lengths)]
+    lineup.wait_queued(len(lengths))
+    for index, (length, future) in enumerate(zip(lengths, waiting, strict=True)):
+        result = future.result(60)
+        tokens = np.arange(length, dtype=np.float32) + 100.0 * index
+        np.testing.assert_array_equal(result.as_numpy("doubled"), 2 * tokens[None, :])
+        np.testing.assert_allclose(result.as_numpy("mean"), [[tokens.mean()]], rtol=1e-6)
+    busy.result(60)
+    after = lineup.stats()
+    assert after.execution_count - before.execution_count == 3  # busy, the four similar, the 50
+    assert after.padded_elements > before.padded_elements  # 9, 10, 11 were padded to 12
