@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .datatypes import DataType, format_shape, lookup
+from .datatypes import DATATYPES, DataType, format_shape, lookup
 from .errors import InvalidInputError
 from .model_config import ModelSignature, TensorSpec
 
@@ -46,6 +46,9 @@ class InferenceResult:
     outputs: tuple[OutputTensor, ...]
 
 
+_RESERVED = np.empty(0)
+
+
 class Tokenizer(Protocol):
     """Turns one request's strings into the model's token inputs (service.text)."""
 
@@ -70,67 +73,86 @@ class RequestBuilder:
     def check_input(
         self, position: int, name: str, datatype: str, shape: list[int]
     ) -> tuple[TensorSpec, DataType]:
-        """Check an input's name, datatype and shape before its contents are decoded."""
+        """Check an input's name, datatype and shape before its contents are decoded.
+
+        On the hot path of every request: messages are built only on failure.
+        """
         if not name:
             raise InvalidInputError(f"input at position {position} has no name")
-        where = f"input '{name}'"
         if name in self._inputs:
-            raise InvalidInputError(f"{where} appears more than once in the request")
-        spec = self._signature.input(name)
+            raise InvalidInputError(f"input '{name}' appears more than once in the request")
+        spec = self._signature.inputs_by_name.get(name)
         if spec is None:
             expected = ", ".join(s.name for s in self._signature.inputs)
             raise InvalidInputError(
-                f"{where} is not an input of {self._label}; its inputs are: {expected}"
+                f"input '{name}' is not an input of {self._label}; its inputs are: {expected}"
             )
-        given_type = lookup(datatype, where)
+        given_type = DATATYPES.get(datatype)
         if given_type is not spec.datatype:
+            given_type = lookup(datatype, f"input '{name}'")
             raise InvalidInputError(
-                f"{where} has datatype {given_type.name} but {self._label} expects "
+                f"input '{name}' has datatype {given_type.name} but {self._label} expects "
                 f"{spec.datatype.name}"
             )
-        self._check_shape(where, spec, shape)
+        self._check_shape(spec, shape)
         # Reserve the name now so that a duplicate is reported even if decoding fails later.
-        self._inputs[name] = np.empty(0)
+        self._inputs[name] = _RESERVED
         return spec, given_type
 
-    def _check_shape(self, where: str, spec: TensorSpec, shape: list[int]) -> None:
-        batching = self._signature.batching
-        expected = spec.client_shape(batching)
+    def _check_shape(self, spec: TensorSpec, shape: list[int]) -> None:
+        signature = self._signature
+        batching = signature.batching
+        dims = spec.dims
+        offset = 1 if batching else 0
+        if len(shape) != len(dims) + offset or min(shape, default=0) < 0:
+            self._shape_error(spec, shape, None)
+        if batching:
+            batch = shape[0]
+            if batch < 1 or batch > signature.max_batch_size:
+                raise InvalidInputError(
+                    f"input '{spec.name}' has batch size {batch}; {self._label} accepts 1 to "
+                    f"{signature.max_batch_size} (max_batch_size)"
+                )
+            if self._batch_size is None:
+                self._batch_size, self._batch_source = batch, spec.name
+            elif batch != self._batch_size:
+                raise InvalidInputError(
+                    f"input '{spec.name}' has batch size {batch} but input "
+                    f"'{self._batch_source}' has {self._batch_size}; all inputs must share the "
+                    "batch dimension"
+                )
+        symbols = spec.symbols
+        for axis, wanted in enumerate(dims):
+            given = shape[axis + offset]
+            if wanted == -1:
+                if given < 1:
+                    self._shape_error(spec, shape, axis + offset)
+                symbol = symbols[axis] if axis < len(symbols) else None
+                if symbol is not None:
+                    self._check_symbol(
+                        f"input '{spec.name}'", axis + offset, symbol, given, spec.name
+                    )
+            elif given != wanted:
+                self._shape_error(spec, shape, axis + offset)
+
+    def _shape_error(self, spec: TensorSpec, shape: list[int], axis: int | None) -> None:
+        where = f"input '{spec.name}'"
+        expected = spec.client_shape(self._signature.batching)
         if any(dim < 0 for dim in shape):
             raise InvalidInputError(
                 f"{where} has shape {format_shape(shape)}; dimensions must not be negative"
             )
-        if len(shape) != len(expected):
+        if axis is None:
             raise InvalidInputError(
                 f"{where} has shape {format_shape(shape)} but {self._label} expects "
                 f"{format_shape(expected)} ({len(expected)} dimensions)"
             )
-        dims = shape
-        if batching:
-            batch = shape[0]
-            if batch < 1 or batch > self._signature.max_batch_size:
-                raise InvalidInputError(
-                    f"{where} has batch size {batch}; {self._label} accepts 1 to "
-                    f"{self._signature.max_batch_size} (max_batch_size)"
-                )
-            if self._batch_size is not None and batch != self._batch_size:
-                raise InvalidInputError(
-                    f"{where} has batch size {batch} but input '{self._batch_source}' has "
-                    f"{self._batch_size}; all inputs must share the batch dimension"
-                )
-            self._batch_size, self._batch_source = batch, spec.name
-            dims = shape[1:]
-        offset = 1 if batching else 0
-        for axis, (given, wanted) in enumerate(zip(dims, spec.dims, strict=True)):
-            if (wanted == -1 and given < 1) or (wanted != -1 and given != wanted):
-                raise InvalidInputError(
-                    f"{where} has shape {format_shape(shape)} but {self._label} expects "
-                    f"{format_shape(expected)}; dimension {axis + offset} "
-                    f"must be {'at least 1' if wanted == -1 else wanted}"
-                )
-            symbol = spec.symbols[axis] if axis < len(spec.symbols) else None
-            if wanted == -1 and symbol is not None:
-                self._check_symbol(where, axis + offset, symbol, given, spec.name)
+        wanted = expected[axis]
+        raise InvalidInputError(
+            f"{where} has shape {format_shape(shape)} but {self._label} expects "
+            f"{format_shape(expected)}; dimension {axis} "
+            f"must be {'at least 1' if wanted == -1 else wanted}"
+        )
 
     def _check_symbol(self, where: str, axis: int, symbol: str, size: int, name: str) -> None:
         """Dims the graph names alike (e.g. 'sequence') must agree across inputs."""

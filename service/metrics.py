@@ -45,6 +45,16 @@ class ModelCollector(Collector):
         ready = GaugeMetricFamily(
             f"{NAMESPACE}_model_ready", "1 if the model version is ready to serve", labels=labels
         )
+        elements = CounterMetricFamily(
+            f"{NAMESPACE}_input_elements",
+            "Input elements fed to the model, padding included",
+            labels=labels,
+        )
+        padded = CounterMetricFamily(
+            f"{NAMESPACE}_padded_elements",
+            "Input elements that were padding added to batch variable-length requests",
+            labels=labels,
+        )
         in_flight = GaugeMetricFamily(
             f"{NAMESPACE}_requests_in_flight",
             "Requests admitted to the model version and not yet answered",
@@ -63,8 +73,10 @@ class ModelCollector(Collector):
                     requests.add_metric([*key, status], count)
                 rows.add_metric(key, snapshot.inference_count)
                 in_flight.add_metric(key, snapshot.in_flight)
+                elements.add_metric(key, snapshot.input_elements)
+                padded.add_metric(key, snapshot.padded_elements)
                 executions.add_metric(key, snapshot.execution_count)
-        yield from (requests, rows, executions, ready, in_flight)
+        yield from (requests, rows, executions, ready, in_flight, elements, padded)
 
 
 class MetricsEndpoint:

@@ -93,24 +93,25 @@ class ModelVersion:
         try:
             result, timings = await self.scheduler.infer(request)
         except ServingError as error:
-            self.record_failure(request.received_ns, error.status)
+            self._failed(request.received_ns, error.status, started=True)
             raise
         except asyncio.CancelledError:
-            self.record_failure(request.received_ns, Status.CANCELLED)
+            self._failed(request.received_ns, Status.CANCELLED, started=True)
             raise
         except Exception:
-            self.record_failure(request.received_ns, Status.INTERNAL)
+            self._failed(request.received_ns, Status.INTERNAL, started=True)
             raise
-        finally:
-            self.stats.request_finished()
         self.stats.record_success(
             request.batch_size, time.perf_counter_ns() - request.received_ns, timings
         )
         return result
 
     def record_failure(self, received_ns: int, status: Status) -> None:
-        """Count a request that reached this version but failed (validation included)."""
-        self.stats.record_failure(time.perf_counter_ns() - received_ns, status.value)
+        """Count a request that reached this version but failed validation."""
+        self._failed(received_ns, status, started=False)
+
+    def _failed(self, received_ns: int, status: Status, started: bool) -> None:
+        self.stats.record_failure(time.perf_counter_ns() - received_ns, status.value, started)
 
     def close(self) -> None:
         self.scheduler.close()
@@ -310,7 +311,8 @@ class ModelRegistry:
         gpu_available = CUDA in providers
         normalized = normalize_config(config_file, name, gpu_available)
         placement = plan_placement(normalized, providers)
-        session = OnnxSession(model_path, session_options(normalized, model_dir), placement)
+        options = session_options(normalized, model_dir, self._settings.onnxruntime_spinning)
+        session = OnnxSession(model_path, options, placement)
         if self._settings.auto_complete_config:
             config = complete_config(
                 config_file,

@@ -90,6 +90,11 @@ class Settings:
         low=0,
         high=INT32_MAX,
     )
+    onnxruntime_spinning: bool = _setting(
+        False,
+        "let onnxruntime's threads busy-wait between operators (faster alone, slower beside "
+        "the server's own threads on few cores); a model's allow_spinning parameter overrides",
+    )
     model_load_parallelism: int = _setting(
         2, "how many model versions load at the same time at start-up", low=1, high=64
     )

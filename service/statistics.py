@@ -75,10 +75,6 @@ class ModelStats:
         with self._lock:
             self._data.in_flight += 1
 
-    def request_finished(self) -> None:
-        with self._lock:
-            self._data.in_flight -= 1
-
     def record_execution(
         self, batch_size: int, timings: RequestTimings, elements: int = 0, padded: int = 0
     ) -> None:
@@ -93,8 +89,10 @@ class ModelStats:
             batch.compute_output.add(timings.compute_output_ns)
 
     def record_success(self, rows: int, total_ns: int, timings: RequestTimings) -> None:
+        """A request started with request_started() succeeded."""
         with self._lock:
             data = self._data
+            data.in_flight -= 1
             data.success.add(total_ns)
             data.queue.add(timings.queue_ns)
             data.compute_input.add(timings.compute_input_ns)
@@ -103,8 +101,11 @@ class ModelStats:
             data.inference_count += rows
             data.last_inference_ms = time.time_ns() // 1_000_000
 
-    def record_failure(self, total_ns: int, status: str) -> None:
+    def record_failure(self, total_ns: int, status: str, started: bool = True) -> None:
+        """A request failed; `started` says whether request_started() counted it in flight."""
         with self._lock:
+            if started:
+                self._data.in_flight -= 1
             self._data.fail.add(total_ns)
             self._data.failures_by_status[status] += 1
             self._data.last_inference_ms = time.time_ns() // 1_000_000
