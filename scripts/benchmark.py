@@ -25,7 +25,6 @@ import json
 import os
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -46,9 +45,10 @@ MAX_DELAY_US = 5000  # the issue's condition: a lone request must not wait for i
 
 # name -> (inputs: name -> (dtype, per-request shape), max_batch_size, padding)
 FIXED_MODELS: dict[str, dict[str, Any]] = {
-    "digits_cnn": {"inputs": {"pixels": ("FP32", (1, 8, 8))}, "max_batch": 64},
-    "mnist_cnn": {"inputs": {"image": ("FP32", (1, 28, 28))}, "max_batch": 64,
-                  "threads": int(os.environ.get("BENCH_THREADS", "0"))},
+    # Small models run with one onnxruntime thread in the server (both modes): a second
+    # thread's wake-ups cost more than it computes, and it takes the event loop's core.
+    "digits_cnn": {"inputs": {"pixels": ("FP32", (1, 8, 8))}, "max_batch": 64, "threads": 1},
+    "mnist_cnn": {"inputs": {"image": ("FP32", (1, 28, 28))}, "max_batch": 64, "threads": 1},
     "resnet18": {"inputs": {"image": ("FP32", (3, 224, 224))}, "max_batch": 16},
     "minilm": {
         "inputs": {n: ("INT64", (128,)) for n in ("input_ids", "attention_mask", "token_type_ids")},
@@ -87,7 +87,7 @@ class Raw:
 # --------------------------------------------------------------- repository ---
 
 
-def config_text(name: str, spec: dict[str, Any], batching: bool) -> str:
+def config_text(name: str, spec: dict[str, Any], batching: bool, preferred: int = 0) -> str:
     inputs = ",\n".join(
         f'  {{ name: "{n}" data_type: TYPE_{t} dims: [ {", ".join(str(d) for d in shape)} ] }}'
         for n, (t, shape) in spec["inputs"].items()
@@ -96,47 +96,60 @@ def config_text(name: str, spec: dict[str, Any], batching: bool) -> str:
         inputs = inputs.replace("dims: [ 128 ]", "dims: [ -1 ]")
     lines = [f'name: "{name}"', f"max_batch_size: {spec['max_batch']}", f"input [\n{inputs}\n]"]
     if batching:
-        lines.append(f"dynamic_batching {{ max_queue_delay_microseconds: {MAX_DELAY_US} }}")
+        cut = f" preferred_batch_size: [ {preferred} ]" if preferred else ""
+        lines.append(f"dynamic_batching {{ max_queue_delay_microseconds: {MAX_DELAY_US}{cut} }}")
     if spec.get("padding"):
         lines.append(
             f'parameters {{ key: "padding" value: {{ string_value: "{spec["padding"]}" }} }}'
         )
     if spec.get("threads"):
+        threads = spec["threads"]
         lines.append(
-            f'parameters {{ key: "intra_op_thread_count" value: {{ string_value: "{spec["threads"]}" }} }}'
+            f'parameters {{ key: "intra_op_thread_count" value: {{ string_value: "{threads}" }} }}'
         )
     lines.append("instance_group [ { count: 1 kind: KIND_CPU } ]")
     return "\n".join(lines) + "\n"
 
 
-def prepare_repository(models: list[str]) -> Path:
-    """<cache>/repository with each model twice: batching and one-request-per-run."""
+def prepare_sources(models: list[str]) -> None:
+    """<cache>/sources/<model>/1/model.onnx for every model to measure."""
     from models import benchmark_models
 
     sources = CACHE / "sources"
+    for name in {m.replace("_mixed", "") for m in models}:
+        onnx = sources / name / "1" / "model.onnx"
+        if onnx.exists():
+            continue
+        if name in ("mnist_cnn", "resnet18"):
+            benchmark_models.export(name, sources)
+        elif name == "minilm" and (ROOT / "models/repository/minilm/1/model.onnx").exists():
+            onnx.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(ROOT / "models/repository/minilm/1/model.onnx", onnx)
+        elif name == "minilm":
+            from models import minilm
+
+            minilm.export(onnx)
+        else:
+            onnx.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(ROOT / f"models/repository/{name}/1/model.onnx", onnx)
+
+
+def write_repository(models: list[str], raws: dict[str, Raw]) -> Path:
+    """Each model twice: batching (`preferred_batch_size` = onnxruntime's best measured batch
+    size) and one request per run (`<model>_single`, the per-request baseline)."""
     repository = CACHE / "repository"
     shutil.rmtree(repository, ignore_errors=True)
     for name in {m.replace("_mixed", "") for m in models}:
-        onnx = sources / name / "1" / "model.onnx"
-        if not onnx.exists():
-            if name in ("mnist_cnn", "resnet18"):
-                benchmark_models.export(name, sources)
-            elif name == "minilm" and (ROOT / "models/repository/minilm/1/model.onnx").exists():
-                onnx.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy(ROOT / "models/repository/minilm/1/model.onnx", onnx)
-            elif name == "minilm":
-                from models import minilm
-
-                minilm.export(onnx)
-            else:
-                onnx.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy(ROOT / f"models/repository/{name}/1/model.onnx", onnx)
+        onnx = CACHE / "sources" / name / "1" / "model.onnx"
         spec = FIXED_MODELS[name]
+        preferred = raws[name].batch_size if name in raws else 0
         for suffix, batching in (("", True), ("_single", False)):
             folder = repository / f"{name}{suffix}"
             (folder / "1").mkdir(parents=True)
             os.link(onnx, folder / "1" / "model.onnx")
-            (folder / "config.pbtxt").write_text(config_text(f"{name}{suffix}", spec, batching))
+            (folder / "config.pbtxt").write_text(
+                config_text(f"{name}{suffix}", spec, batching, preferred)
+            )
     return repository
 
 
@@ -214,10 +227,26 @@ class Server:
 
     def __init__(self, repository: Path) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "service", "serve", "--model-repository", str(repository),
-             "--grpc-host", "127.0.0.1", "--grpc-port", "0", "--metrics-host", "127.0.0.1",
-             "--metrics-port", "0"],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [
+                sys.executable,
+                "-m",
+                "service",
+                "serve",
+                "--model-repository",
+                str(repository),
+                "--grpc-host",
+                "127.0.0.1",
+                "--grpc-port",
+                "0",
+                "--metrics-host",
+                "127.0.0.1",
+                "--metrics-port",
+                "0",
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         self.url = ""
         self.metrics = ""
@@ -246,10 +275,15 @@ class Server:
         with urllib.request.urlopen(self.metrics) as page:
             text = page.read().decode()
         counters: dict[str, float] = {}
-        for metric in ("inferences_total", "executions_total", "input_elements_total",
-                       "padded_elements_total"):
-            match = re.search(rf'^batchwise_{metric}{{model="{model}",version="1"}} (\S+)$', text,
-                              re.MULTILINE)
+        for metric in (
+            "inferences_total",
+            "executions_total",
+            "input_elements_total",
+            "padded_elements_total",
+        ):
+            match = re.search(
+                rf'^batchwise_{metric}{{model="{model}",version="1"}} (\S+)$', text, re.MULTILINE
+            )
             counters[metric] = float(match.group(1)) if match else 0.0
         return counters
 
@@ -261,8 +295,9 @@ class Server:
 # ------------------------------------------------------------------- load ---
 
 
-async def python_load(url: str, model: str, concurrency: int, seconds: float,
-                      make: Any) -> tuple[list[float], int]:
+async def python_load(
+    url: str, model: str, concurrency: int, seconds: float, make: Any
+) -> tuple[list[float], int]:
     import tritonclient.grpc.aio as aioclient
 
     latencies: list[float] = []
@@ -299,8 +334,9 @@ def input_maker(name: str, lengths: list[int] | None) -> Any:
         if length not in cache:
             inputs = []
             for input_name, array in feeds(name.replace("_mixed", ""), 1, length).items():
-                tensor = aioclient.InferInput(input_name, list(array.shape),
-                                              base["inputs"][input_name][0])
+                tensor = aioclient.InferInput(
+                    input_name, list(array.shape), base["inputs"][input_name][0]
+                )
                 tensor.set_data_from_numpy(array)
                 inputs.append(tensor)
             cache[length] = inputs
@@ -315,31 +351,64 @@ def perf_analyzer(url: str, model: str, concurrency: int, seconds: float) -> Poi
         return None
     import nvidia.cuda_runtime
 
-    environment = {**os.environ, "LD_LIBRARY_PATH": str(
-        Path(next(iter(nvidia.cuda_runtime.__path__))) / "lib")}
+    environment = {
+        **os.environ,
+        "LD_LIBRARY_PATH": str(Path(next(iter(nvidia.cuda_runtime.__path__))) / "lib"),
+    }
     base = model.replace("_single", "")
     with tempfile.TemporaryDirectory() as scratch:
         report = Path(scratch) / "report.csv"
-        command = [str(binary), "-m", model, "-u", url, "-i", "grpc", "-b", "1",
-                   "--concurrency-range", str(concurrency), "-p", str(int(seconds * 1000 / 3)),
-                   # Three windows, no stability gate: on a shared 2-core machine the
-                   # gate fails more often than it helps; the median of runs is ours.
-                   "-r", "3", "-s", "100", "-f", str(report)]
+        command = [
+            str(binary),
+            "-m",
+            model,
+            "-u",
+            url,
+            "-i",
+            "grpc",
+            "-b",
+            "1",
+            "--concurrency-range",
+            str(concurrency),
+            "-p",
+            str(int(seconds * 1000 / 3)),
+            # Three windows, no stability gate: on a shared 2-core machine the
+            # gate fails more often than it helps; the median of runs is ours.
+            "-r",
+            "3",
+            "-s",
+            "100",
+            "-f",
+            str(report),
+        ]
         if base == "minilm":
             command += ["--input-data", "zero"] + [
-                arg for n in FIXED_MODELS["minilm"]["inputs"] for arg in ("--shape", f"{n}:128")]
-        result = subprocess.run(command, env=environment, capture_output=True, text=True,
-                                timeout=seconds * 10 + 120, check=False)
+                arg for n in FIXED_MODELS["minilm"]["inputs"] for arg in ("--shape", f"{n}:128")
+            ]
+        result = subprocess.run(
+            command,
+            env=environment,
+            capture_output=True,
+            text=True,
+            timeout=seconds * 10 + 120,
+            check=False,
+        )
         if result.returncode != 0 or not report.exists():
-            print(f"  perf_analyzer failed on {model} at {concurrency}: "
-                  f"{(result.stdout + result.stderr)[-300:]}", file=sys.stderr)
+            print(
+                f"  perf_analyzer failed on {model} at {concurrency}: "
+                f"{(result.stdout + result.stderr)[-300:]}",
+                file=sys.stderr,
+            )
             return None
         row = next(csv.DictReader(report.open()))
     return Point(
-        model=base, mode="single" if model.endswith("_single") else "batching",
-        client="perf_analyzer", concurrency=concurrency,
+        model=base,
+        mode="single" if model.endswith("_single") else "batching",
+        client="perf_analyzer",
+        concurrency=concurrency,
         throughput=float(row["Inferences/Second"]),
-        p50_ms=float(row["p50 latency"]) / 1000, p90_ms=float(row["p90 latency"]) / 1000,
+        p50_ms=float(row["p50 latency"]) / 1000,
+        p90_ms=float(row["p90 latency"]) / 1000,
         p99_ms=float(row["p99 latency"]) / 1000,
     )
 
@@ -348,8 +417,15 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) * 1000 if values else float("nan")
 
 
-def measure(server: Server, name: str, mode: str, concurrency: int, seconds: float,
-            client: str, lengths: list[int] | None) -> Point | None:
+def measure(
+    server: Server,
+    name: str,
+    mode: str,
+    concurrency: int,
+    seconds: float,
+    client: str,
+    lengths: list[int] | None,
+) -> Point | None:
     served = name.replace("_mixed", "") + ("_single" if mode == "single" else "")
     warm = input_maker(name, lengths)
     asyncio.run(python_load(server.url, served, 1, 0.5, warm))  # warm-up: shapes, sessions
@@ -360,10 +436,19 @@ def measure(server: Server, name: str, mode: str, concurrency: int, seconds: flo
             return None
     else:
         latencies, errors = asyncio.run(
-            python_load(server.url, served, concurrency, seconds, input_maker(name, lengths)))
-        point = Point(name, mode, "python", concurrency, len(latencies) / seconds,
-                      percentile(latencies, 50), percentile(latencies, 90),
-                      percentile(latencies, 99), errors=errors)
+            python_load(server.url, served, concurrency, seconds, input_maker(name, lengths))
+        )
+        point = Point(
+            name,
+            mode,
+            "python",
+            concurrency,
+            len(latencies) / seconds,
+            percentile(latencies, 50),
+            percentile(latencies, 90),
+            percentile(latencies, 99),
+            errors=errors,
+        )
     point.model = name
     after = server.model_counters(served)
     executions = after["executions_total"] - before["executions_total"]
@@ -371,7 +456,9 @@ def measure(server: Server, name: str, mode: str, concurrency: int, seconds: flo
         point.mean_batch = (after["inferences_total"] - before["inferences_total"]) / executions
     elements = after["input_elements_total"] - before["input_elements_total"]
     if elements:
-        point.padding_waste = (after["padded_elements_total"] - before["padded_elements_total"]) / elements
+        point.padding_waste = (
+            after["padded_elements_total"] - before["padded_elements_total"]
+        ) / elements
     return point
 
 
@@ -383,34 +470,56 @@ def report(points: list[Point], raws: dict[str, Raw], output: Path) -> None:
         raw = raws.get(point.model)
         if raw:
             point.ratio_to_raw = point.throughput / raw.best_items_per_second
-    header = (f"{'model':<13}{'mode':<9}{'client':<14}{'conc':>5}{'infer/s':>10}{'p50 ms':>9}"
-              f"{'p90 ms':>9}{'p99 ms':>9}{'batch':>7}{'pad':>6}{'x raw':>7}{'err':>5}")
+    header = (
+        f"{'model':<13}{'mode':<9}{'client':<14}{'conc':>5}{'infer/s':>10}{'p50 ms':>9}"
+        f"{'p90 ms':>9}{'p99 ms':>9}{'batch':>7}{'pad':>6}{'x raw':>7}{'err':>5}"
+    )
     lines = [header, "-" * len(header)]
     for p in points:
-        lines.append(f"{p.model:<13}{p.mode:<9}{p.client:<14}{p.concurrency:>5}"
-                     f"{p.throughput:>10.1f}{p.p50_ms:>9.2f}{p.p90_ms:>9.2f}{p.p99_ms:>9.2f}"
-                     f"{p.mean_batch:>7.1f}{p.padding_waste:>6.2f}{p.ratio_to_raw:>7.2f}"
-                     f"{p.errors:>5}")
+        lines.append(
+            f"{p.model:<13}{p.mode:<9}{p.client:<14}{p.concurrency:>5}"
+            f"{p.throughput:>10.1f}{p.p50_ms:>9.2f}{p.p90_ms:>9.2f}{p.p99_ms:>9.2f}"
+            f"{p.mean_batch:>7.1f}{p.padding_waste:>6.2f}{p.ratio_to_raw:>7.2f}"
+            f"{p.errors:>5}"
+        )
     lines.append("")
     for raw in raws.values():
-        how = ("one by one" if raw.model == MIXED
-               else f"batch {raw.batch_size}, {raw.threads} threads")
-        lines.append(f"raw onnxruntime {raw.model}: {raw.best_items_per_second:.1f} items/s ({how})")
+        how = (
+            "one by one" if raw.model == MIXED else f"batch {raw.batch_size}, {raw.threads} threads"
+        )
+        lines.append(
+            f"raw onnxruntime {raw.model}: {raw.best_items_per_second:.1f} items/s ({how})"
+        )
     lines += ["", *targets(points, raws)]
     text = "\n".join(lines)
     print(text)
     output.mkdir(parents=True, exist_ok=True)
-    (output / "results.json").write_text(json.dumps(
-        {"points": [asdict(p) for p in points], "raw": {k: asdict(v) for k, v in raws.items()},
-         "machine": {"cpus": os.cpu_count()}, "time": time.strftime("%Y-%m-%d %H:%M:%S")},
-        indent=2))
+    (output / "results.json").write_text(
+        json.dumps(
+            {
+                "points": [asdict(p) for p in points],
+                "raw": {k: asdict(v) for k, v in raws.items()},
+                "machine": {"cpus": os.cpu_count()},
+                "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+            },
+            indent=2,
+        )
+    )
     (output / "results.txt").write_text(text + "\n")
     plot(points, output / "benchmark.png")
 
 
-def _find(points: list[Point], model: str, mode: str, client: str, concurrency: int) -> Point | None:
-    return next((p for p in points if (p.model, p.mode, p.client, p.concurrency)
-                 == (model, mode, client, concurrency)), None)
+def _find(
+    points: list[Point], model: str, mode: str, client: str, concurrency: int
+) -> Point | None:
+    return next(
+        (
+            p
+            for p in points
+            if (p.model, p.mode, p.client, p.concurrency) == (model, mode, client, concurrency)
+        ),
+        None,
+    )
 
 
 def targets(points: list[Point], raws: dict[str, Raw]) -> list[str]:
@@ -421,31 +530,50 @@ def targets(points: list[Point], raws: dict[str, Raw]) -> list[str]:
     high = max(concurrencies)
     for client in clients:
         for model in ("resnet18", "minilm"):
-            best = max((p.ratio_to_raw for p in points if p.model == model and p.client == client
-                        and p.mode == "batching" and p.concurrency >= 8), default=None)
+            best = max(
+                (
+                    p.ratio_to_raw
+                    for p in points
+                    if p.model == model
+                    and p.client == client
+                    and p.mode == "batching"
+                    and p.concurrency >= 8
+                ),
+                default=None,
+            )
             if best is not None:
-                out.append(f"  [{client}] {model}: throughput {best:.0%} of raw best at concurrency"
-                           f" >= 8 (target >= 95%)")
+                out.append(
+                    f"  [{client}] {model}: throughput {best:.0%} of raw best at concurrency"
+                    f" >= 8 (target >= 95%)"
+                )
         batched = _find(points, "mnist_cnn", "batching", client, high)
         single = _find(points, "mnist_cnn", "single", client, high)
         if batched and single:
-            out.append(f"  [{client}] mnist_cnn: {batched.throughput / single.throughput:.2f}x the "
-                       f"per-request baseline at concurrency {high} (target >= 2x)")
+            out.append(
+                f"  [{client}] mnist_cnn: {batched.throughput / single.throughput:.2f}x the "
+                f"per-request baseline at concurrency {high} (target >= 2x)"
+            )
         for model in sorted({p.model for p in points}):
             b1 = _find(points, model, "batching", client, 1)
             s1 = _find(points, model, "single", client, 1)
             if b1 and s1:
-                out.append(f"  [{client}] {model}: p50 at concurrency 1 is {b1.p50_ms / s1.p50_ms:.2f}"
-                           f"x the per-request baseline's (target <= 1.1)")
+                out.append(
+                    f"  [{client}] {model}: p50 at concurrency 1 is {b1.p50_ms / s1.p50_ms:.2f}"
+                    f"x the per-request baseline's (target <= 1.1)"
+                )
             bh = _find(points, model, "batching", client, high)
             if bh:
-                out.append(f"  [{client}] {model}: p99/p50 at concurrency {high} = "
-                           f"{bh.p99_ms / bh.p50_ms:.2f} (target <= 1.5)")
+                out.append(
+                    f"  [{client}] {model}: p99/p50 at concurrency {high} = "
+                    f"{bh.p99_ms / bh.p50_ms:.2f} (target <= 1.5)"
+                )
     mixed = [p for p in points if p.model == MIXED and p.mode == "batching"]
     if mixed and MIXED in raws:
         best = max(p.throughput for p in mixed)
-        out.append(f"  {MIXED}: best {best:.1f} infer/s vs {raws[MIXED].best_items_per_second:.1f}"
-                   " one by one in-process (target: not below)")
+        out.append(
+            f"  {MIXED}: best {best:.1f} infer/s vs {raws[MIXED].best_items_per_second:.1f}"
+            " one by one in-process (target: not below)"
+        )
     return out
 
 
@@ -462,11 +590,15 @@ def plot(points: list[Point], path: Path) -> None:
     figure, axes = plt.subplots(2, len(models), figsize=(4 * len(models), 7), squeeze=False)
     for column, model in enumerate(models):
         for (mode, client), style in (
-            (("batching", "python"), "o-"), (("single", "python"), "o--"),
-            (("batching", "perf_analyzer"), "s-"), (("single", "perf_analyzer"), "s--"),
+            (("batching", "python"), "o-"),
+            (("single", "python"), "o--"),
+            (("batching", "perf_analyzer"), "s-"),
+            (("single", "perf_analyzer"), "s--"),
         ):
-            series = sorted((p for p in points if (p.model, p.mode, p.client) == (model, mode, client)),
-                            key=lambda p: p.concurrency)
+            series = sorted(
+                (p for p in points if (p.model, p.mode, p.client) == (model, mode, client)),
+                key=lambda p: p.concurrency,
+            )
             if not series:
                 continue
             label = f"{mode} ({client})"
@@ -490,16 +622,21 @@ def plot(points: list[Point], path: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=[*FIXED_MODELS, MIXED],
-                        choices=[*FIXED_MODELS, MIXED])
+    parser.add_argument(
+        "--models", nargs="+", default=[*FIXED_MODELS, MIXED], choices=[*FIXED_MODELS, MIXED]
+    )
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32])
     parser.add_argument("--seconds", type=float, default=5.0, help="per measurement")
-    parser.add_argument("--clients", nargs="+", default=["perf_analyzer", "python"],
-                        choices=["perf_analyzer", "python"])
+    parser.add_argument(
+        "--clients",
+        nargs="+",
+        default=["perf_analyzer", "python"],
+        choices=["perf_analyzer", "python"],
+    )
     parser.add_argument("--output", type=Path, default=ROOT / "bench-results")
     options = parser.parse_args()
 
-    repository = prepare_repository(options.models)
+    prepare_sources(options.models)
     raws: dict[str, Raw] = {}
     lengths = mixed_lengths(512)
     for name in options.models:
@@ -510,7 +647,7 @@ def main() -> int:
             raws[name] = measure_raw(name, onnx, seconds=options.seconds)
         print(f"raw {name}: {raws[name].best_items_per_second:.1f} items/s", file=sys.stderr)
 
-    server = Server(repository)
+    server = Server(write_repository(options.models, raws))
     points: list[Point] = []
     try:
         for name in options.models:
@@ -518,13 +655,22 @@ def main() -> int:
             for client in clients:
                 for concurrency in options.concurrency:
                     for mode in ("single", "batching"):  # alternate the two sides
-                        point = measure(server, name, mode, concurrency, options.seconds, client,
-                                        lengths if name == MIXED else None)
+                        point = measure(
+                            server,
+                            name,
+                            mode,
+                            concurrency,
+                            options.seconds,
+                            client,
+                            lengths if name == MIXED else None,
+                        )
                         if point is not None:
                             points.append(point)
-                            print(f"{name} {mode} {client} c={concurrency}: "
-                                  f"{point.throughput:.1f}/s p50 {point.p50_ms:.2f} ms",
-                                  file=sys.stderr)
+                            print(
+                                f"{name} {mode} {client} c={concurrency}: "
+                                f"{point.throughput:.1f}/s p50 {point.p50_ms:.2f} ms",
+                                file=sys.stderr,
+                            )
     finally:
         server.stop()
     report(points, raws, options.output)

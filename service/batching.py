@@ -201,7 +201,9 @@ class _Job:
 
 
 class _CostModel:
-    """Execution time as a + beta * rows, fitted over this model's recent runs.
+    """Execution time as a + beta * work, fitted over this model's recent runs.
+
+    Work is rows times the padded length (just rows for fixed-shape models).
 
     Refitted every few runs rather than at every dispatch: the fit is a loop
     over the window, and the dispatch path runs once per request.
@@ -466,7 +468,8 @@ class Scheduler:
             batch = self._gather(head, candidates)
             rows = sum(p.rows for p in batch)
             full = rows >= self._target(rows)
-            if not full and self._should_wait(rows, head, now):
+            work = rows * max(p.length for p in batch)
+            if not full and self._should_wait(rows, work, head, now):
                 return None
         for pending in batch:
             self._remove(pending)
@@ -489,13 +492,33 @@ class Scheduler:
             new_longest = max(longest, pending.length)
             new_rows = rows + pending.rows
             new_useful = useful + pending.rows * pending.length
-            if self._padded and new_useful < (1 - MAX_PADDING_WASTE) * new_rows * new_longest:
+            if self._padded and not self._padding_pays(
+                rows * longest, new_rows * new_longest, new_useful, pending
+            ):
                 continue
             batch.append(pending)
             rows, longest, useful = new_rows, new_longest, new_useful
         if preferred:
             batch = self._cut_to_preferred(batch)
         return batch
+
+    def _padding_pays(self, work: int, new_work: int, new_useful: int, pending: _Pending) -> bool:
+        """Whether padding `pending` into the batch costs less than running it on its own.
+
+        Merging saves one run's fixed cost `a` and costs `beta` per padded element
+        added, so it pays when `beta * extra < a`. On a CPU, where a transformer's
+        run has almost no fixed cost, that keeps different lengths apart; on a GPU
+        it lets them share. Padding is never allowed past MAX_PADDING_WASTE of
+        the batch, and before runs have been measured that cap alone decides.
+        """
+        if new_useful < (1 - MAX_PADDING_WASTE) * new_work:
+            return False
+        fit = self._costs.fit()
+        if fit is None:
+            return True
+        fixed, per_unit = fit
+        extra = new_work - work - pending.rows * pending.length
+        return per_unit * extra <= fixed
 
     def _cut_to_preferred(self, batch: list[_Pending]) -> list[_Pending]:
         """The longest prefix whose rows hit the largest preferred size reachable."""
@@ -516,7 +539,7 @@ class Scheduler:
                 return size
         return self.policy.max_batch_size
 
-    def _should_wait(self, rows: int, head: _Pending, now: int) -> bool:
+    def _should_wait(self, rows: int, work: int, head: _Pending, now: int) -> bool:
         """Wait only if the next arrival is expected soon enough to lower total latency."""
         budget = self.policy.max_delay_ns - (now - head.enqueued_ns)
         if budget <= 0 or self._gap_ns is None:
@@ -526,8 +549,8 @@ class Scheduler:
         fit = self._costs.fit()
         if fit is None:
             return False
-        fixed, per_row = fit
-        if self._gap_ns >= (fixed - rows * per_row) / (rows + 1):
+        fixed, per_unit = fit
+        if self._gap_ns >= (fixed - work * per_unit) / (rows + 1):
             return False
         wait = min(budget, 2 * self._gap_ns)
         self._timer = asyncio.get_running_loop().call_later(wait / 1e9, self._dispatch)
@@ -570,7 +593,8 @@ class Scheduler:
         else:
             # What a run costs the scheduler: dispatch until the result is back on the
             # loop, thread handoffs included (they dominate for small models).
-            self._costs.add(rows, time.perf_counter_ns() - job.started_ns)
+            work = rows * max(p.length for p in job.batch)  # padded elements, in rows
+            self._costs.add(work, time.perf_counter_ns() - job.started_ns)
             self._stats.record_execution(rows, timings, outcome.elements, outcome.padded_elements)
             for pending, result in zip(job.batch, outcome.results, strict=True):
                 own = RequestTimings(

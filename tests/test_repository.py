@@ -350,3 +350,26 @@ def test_load_errors_never_show_server_paths(tmp_path: Path) -> None:
         assert state == "UNAVAILABLE" and "dims may contain at most one -1" in reason
         for _, found in entries.values():
             assert str(tmp_path) not in found and str(tmp_path.resolve()) not in found
+
+
+@pytest.mark.parametrize(
+    ("config", "reason"),
+    [
+        ("max_batch_size: 4\ndynamic_batching { preferred_batch_size: [ 8 ] }\n",
+         "preferred_batch_size 8 is outside 1 to max_batch_size 4"),
+        ("max_batch_size: 4\ndynamic_batching { priority_levels: 2 default_priority_level: 3 }\n",
+         "default_priority_level is 3; expected 1 to 2"),
+        ("max_batch_size: 4\ndynamic_batching { priority_levels: 2 "
+         "priority_queue_policy { key: 5 value: { max_queue_size: 1 } } }\n",
+         "priority_queue_policy names level 5"),
+        ('max_batch_size: 4\nparameters { key: "padding" value: { string_value: "x" } }\n',
+         "parameter 'padding' entry 'x': expected <input>:<value>"),
+        ('max_batch_size: 4\nparameters { key: "padding" value: { string_value: "x:zero" } }\n',
+         "value 'zero' for input 'x' is not a number"),
+    ],
+)
+def test_batching_config_errors(tmp_path: Path, config: str, reason: str) -> None:
+    models.save(models.scale(1.0, ["batch", "n"]), tmp_path, "m", config=config)
+    with serve(tmp_path) as server, server.client() as client:
+        state, found = index(client)[("m", "1")]
+        assert state == "UNAVAILABLE" and reason in found, found
