@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: serve test install install-test install-train models system-packages check-protocol lint typecheck pytest protocol
+.PHONY: serve test bench install install-test install-train models system-packages check-protocol lint typecheck pytest protocol
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -55,3 +55,8 @@ pytest: install-test system-packages
 	$(BIN)/python -m pytest $(ARGS)
 
 test: check-protocol lint typecheck pytest
+
+# The benchmark (not part of `make test`): ~15 minutes, results in bench-results/.
+bench: install-test system-packages
+	$(BIN)/pip install --quiet -e '.[bench]'
+	$(BIN)/python scripts/benchmark.py $(ARGS)

@@ -237,6 +237,18 @@ parameters {{ key: "truncation" value: {{ string_value: "true" }} }}
 # -------------------------------------------------------------- model cards ---
 
 
+def _batching_section(f: dict[str, Any], table: str, measured: str) -> str:
+    return f"""## Batching
+{measured}:
+
+{table}
+
+Every batch size within 90% of the best throughput is worth running: `max_batch_size:
+{f["max_batch_size"]}` is the largest of them, `preferred_batch_size:
+[{f["preferred_batch_size"]}]` the smallest.
+"""
+
+
 def _digits_card(f: dict[str, Any], table: str) -> str:
     return f"""# digits_cnn
 
@@ -277,15 +289,7 @@ print(client.infer("digits_cnn", [pixels]).as_numpy("probabilities").argmax(1))
 ```
 Or from a PNG: `python -m models.client digit models/samples/digit_3.png`.
 
-## Batching
-onnxruntime alone on the build machine (2 CPU cores); per size, the best of three interleaved
-rounds, each the median of its timed runs:
-
-{table}
-
-Every batch size within 90% of the best throughput is worth running: `max_batch_size:
-{f["max_batch_size"]}` is the largest of them, `preferred_batch_size: [{f["preferred_batch_size"]}]` the
-smallest.
+{_batching_section(f, table, "onnxruntime alone on the build machine (2 CPU cores); per size, the best of three interleaved rounds, each the median of its timed runs")}
 
 Rebuild: `python -m models build --only digits_cnn`.
 """
@@ -343,15 +347,7 @@ print(client.infer("text_classifier", [text]).as_numpy("probabilities"))
 ```
 Or: `python -m models.client classify "the view was not great but the staff was lovely"`.
 
-## Batching
-onnxruntime alone on the build machine (2 CPU cores), held-out texts padded to each batch's
-longest; per size, the best of three interleaved rounds, each the median of its timed runs:
-
-{table}
-
-Every batch size within 90% of the best throughput is worth running: `max_batch_size:
-{f["max_batch_size"]}` is the largest of them, `preferred_batch_size: [{f["preferred_batch_size"]}]` the
-smallest.
+{_batching_section(f, table, "onnxruntime alone on the build machine (2 CPU cores), held-out texts padded to each batch's longest; per size, the best of three interleaved rounds, each the median of its timed runs")}
 
 Rebuild: `python -m models build --only text_classifier`.
 """
@@ -389,13 +385,5 @@ print(float(a @ b))   # cosine similarity
 ```
 Or: `python -m models.client embed "A man is playing guitar." "Someone plays an instrument."`.
 
-## Batching
-onnxruntime alone on the build machine (2 CPU cores), 127-token sentences; per size, the best of
-three interleaved rounds, each the median of its timed runs:
-
-{table}
-
-Every batch size within 90% of the best throughput is worth running: `max_batch_size:
-{f["max_batch_size"]}` is the largest of them, `preferred_batch_size: [{f["preferred_batch_size"]}]` the
-smallest.
+{_batching_section(f, table, "onnxruntime alone on the build machine (2 CPU cores), 127-token sentences; per size, the best of three interleaved rounds, each the median of its timed runs")}
 """
