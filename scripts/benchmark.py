@@ -159,7 +159,7 @@ def write_repository(models: list[str], raws: dict[str, Raw]) -> Path:
 def feeds(name: str, rows: int, length: int = 128) -> dict[str, np.ndarray]:
     spec = FIXED_MODELS[name]
     rng = np.random.default_rng(0)
-    arrays = {}
+    arrays: dict[str, np.ndarray] = {}
     for input_name, (dtype, shape) in spec["inputs"].items():
         if dtype == "INT64":
             shape = (length,)
@@ -535,7 +535,8 @@ def report(points: list[Point], raws: dict[str, Raw], output: Path) -> None:
             "one by one" if raw.model == MIXED else f"batch {raw.batch_size}, {raw.threads} threads"
         )
         lines.append(
-            f"raw onnxruntime {raw.model}: {raw.best_items_per_second:.1f} items/s ({how})"
+            f"raw onnxruntime {raw.model}: {raw.best_items_per_second:.1f} items/s ({how}; "
+            "median of the rounds)"
         )
     lines += ["", *targets(points, raws)]
     text = "\n".join(lines)

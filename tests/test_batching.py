@@ -23,7 +23,8 @@ from tritonclient.utils import InferenceServerException
 from tests import onnx_models as models
 from tests.conftest import ServerThread, serve
 
-BUSY_STEPS = 150_000  # about 0.7 s of one busy instance
+BUSY_STEPS = 300_000  # about 1.4 s of one busy instance
+SHORT_STEPS = 20_000  # about 0.1 s: far apart enough to tell runs' order from answers' order
 MODELS: dict[str, tuple[Callable[[], Any], str]] = {
     "batched": (
         models.sleepy_double,
@@ -250,10 +251,10 @@ def test_timeout_parameter_overrides_when_allowed(server: ServerThread) -> None:
 def test_delay_action_moves_expired_requests_behind_the_others(server: ServerThread) -> None:
     lineup = Lineup(server, "delayed")
     busy = lineup.hold()
-    expired = lineup.submit("expired", double_inputs(1), timeout=1_000)
+    expired = lineup.submit("expired", double_inputs(1, SHORT_STEPS), timeout=1_000)
     lineup.wait_queued(1)
     time.sleep(0.05)  # let its 1 ms timeout pass while it waits
-    fresh = lineup.submit("fresh", double_inputs(1))
+    fresh = lineup.submit("fresh", double_inputs(1, SHORT_STEPS))
     lineup.wait_queued(2)
     for future in (busy, expired, fresh):
         assert not isinstance(future.result(60), InferenceServerException)
@@ -263,9 +264,10 @@ def test_delay_action_moves_expired_requests_behind_the_others(server: ServerThr
 def test_higher_priority_is_served_first(server: ServerThread) -> None:
     lineup = Lineup(server, "priorities")
     busy = lineup.hold()
-    low = [lineup.submit(f"low{i}", double_inputs(1)) for i in range(3)]
+    # Each queued run takes ~0.1 s, so the order of the answers is the order of the runs.
+    low = [lineup.submit(f"low{i}", double_inputs(1, SHORT_STEPS)) for i in range(3)]
     lineup.wait_queued(3)
-    high = lineup.submit("high", double_inputs(1), priority=1)
+    high = lineup.submit("high", double_inputs(1, SHORT_STEPS), priority=1)
     lineup.wait_queued(4)
     for future in [busy, *low, high]:
         assert not isinstance(future.result(60), InferenceServerException)

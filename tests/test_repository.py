@@ -355,17 +355,27 @@ def test_load_errors_never_show_server_paths(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("config", "reason"),
     [
-        ("max_batch_size: 4\ndynamic_batching { preferred_batch_size: [ 8 ] }\n",
-         "preferred_batch_size 8 is outside 1 to max_batch_size 4"),
-        ("max_batch_size: 4\ndynamic_batching { priority_levels: 2 default_priority_level: 3 }\n",
-         "default_priority_level is 3; expected 1 to 2"),
-        ("max_batch_size: 4\ndynamic_batching { priority_levels: 2 "
-         "priority_queue_policy { key: 5 value: { max_queue_size: 1 } } }\n",
-         "priority_queue_policy names level 5"),
-        ('max_batch_size: 4\nparameters { key: "padding" value: { string_value: "x" } }\n',
-         "parameter 'padding' entry 'x': expected <input>:<value>"),
-        ('max_batch_size: 4\nparameters { key: "padding" value: { string_value: "x:zero" } }\n',
-         "value 'zero' for input 'x' is not a number"),
+        (
+            "max_batch_size: 4\ndynamic_batching { preferred_batch_size: [ 8 ] }\n",
+            "preferred_batch_size 8 is outside 1 to max_batch_size 4",
+        ),
+        (
+            "max_batch_size: 4\ndynamic_batching { priority_levels: 2 default_priority_level: 3 }\n",
+            "default_priority_level is 3; expected 1 to 2",
+        ),
+        (
+            "max_batch_size: 4\ndynamic_batching { priority_levels: 2 "
+            "priority_queue_policy { key: 5 value: { max_queue_size: 1 } } }\n",
+            "priority_queue_policy names level 5",
+        ),
+        (
+            'max_batch_size: 4\nparameters { key: "padding" value: { string_value: "x" } }\n',
+            "parameter 'padding' entry 'x': expected <input>:<value>",
+        ),
+        (
+            'max_batch_size: 4\nparameters { key: "padding" value: { string_value: "x:zero" } }\n',
+            "value 'zero' for input 'x' is not a number",
+        ),
     ],
 )
 def test_batching_config_errors(tmp_path: Path, config: str, reason: str) -> None:
