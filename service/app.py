@@ -38,7 +38,7 @@ class InferenceServer:
         self.registry = ModelRegistry(settings)
         self.state = ServerState(self.registry, settings.strict_readiness)
         self.health = health.aio.HealthServicer()
-        self.metrics = MetricsEndpoint(self.registry)
+        self.metrics = MetricsEndpoint(self.registry, settings.triton_metrics)
         self.grpc_port = 0
         self.metrics_port = 0
         self._server: grpc.aio.Server | None = None

@@ -64,6 +64,7 @@ from .errors import (
 )
 from .execution import BatchOutcome, ModelRunner
 from .inference import InferenceRequest, InferenceResult
+from .logs import REQUEST_ID
 from .model_config import ModelConfigError, ModelSignature
 from .protocol import model_config_pb2 as mc
 from .statistics import ModelStats, RequestTimings
@@ -565,6 +566,8 @@ class Scheduler:
             if job is None:
                 return
             outcome: BatchOutcome | BaseException
+            # Log lines from this run (onnxruntime failures) name the requests it serves.
+            REQUEST_ID.set(",".join(p.request.log_id for p in job.batch if p.request.log_id))
             try:
                 outcome = self._runner.execute([p.request for p in job.batch], job.timings)
             except BaseException as error:  # delivered to every request of the batch

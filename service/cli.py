@@ -86,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = settings_from(arguments)
     except ValueError as error:
         parser.error(str(error))
-    configure_logging(settings.log_level_number)
+    configure_logging(settings.log_level_number, settings.log_format, settings.access_log)
     if arguments.command == "serve":
         from .app import serve  # imports onnxruntime; keep --help fast
 

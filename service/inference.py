@@ -31,6 +31,8 @@ class InferenceRequest:
     parameters: dict[str, Any] = field(default_factory=dict)
     # perf_counter_ns() after which the client no longer waits (gRPC deadline); 0 = none.
     deadline_ns: int = 0
+    # The id that tags this request's log lines (x-request-id or generated).
+    log_id: str = ""
 
 
 @dataclass(frozen=True)

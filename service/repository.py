@@ -69,6 +69,7 @@ class ModelVersion:
         policy: BatchingPolicy,
         instance_count: int,
         text_encoder: TextEncoder | None = None,
+        histograms: bool = True,
     ) -> None:
         self.name = name
         self.text_encoder = text_encoder
@@ -77,7 +78,9 @@ class ModelVersion:
         self.signature = signature
         self.session = session
         self.label = f"model '{name}' version {version}"
-        self.stats = ModelStats()
+        self.stats = ModelStats(histograms=histograms)
+        self.load_seconds = 0.0
+        self.latency_objective_seconds = latency_objective(config)
         self.scheduler = Scheduler(
             ModelRunner(session, signature, self.label),
             signature,
@@ -287,6 +290,7 @@ class ModelRegistry:
             return
         target.state = VersionState.READY
         loaded = target.loaded
+        loaded.load_seconds = time.perf_counter() - started
         log.info(
             "loaded model '%s' version %d in %.2fs on %s (%s), max_batch_size %d; %s",
             loaded.name,
@@ -331,7 +335,15 @@ class ModelRegistry:
             config, signature = with_text_input(config, signature, text, encoder.pad_id)
         policy = BatchingPolicy.from_config(config, self._settings.default_max_queue_size)
         return ModelVersion(
-            name, version, config, signature, session, policy, placement.instance_count, encoder
+            name,
+            version,
+            config,
+            signature,
+            session,
+            policy,
+            placement.instance_count,
+            encoder,
+            histograms=self._settings.metrics_port >= 0,
         )
 
     # ---------------------------------------------------------- resolving ---
@@ -412,6 +424,26 @@ class ModelRegistry:
     def close(self) -> None:
         for version in self.loaded_versions():
             version.close()
+
+
+def latency_objective(config: mc.ModelConfig) -> float | None:
+    """The `latency_objective_ms` parameter: the p99 the operator promises, in seconds.
+
+    Exported as a gauge so the alert rule "p99 above objective" needs no
+    per-model copy of the numbers in Prometheus' configuration.
+    """
+    if "latency_objective_ms" not in config.parameters:
+        return None
+    text = config.parameters["latency_objective_ms"].string_value.strip()
+    try:
+        value = float(text)
+    except ValueError:
+        raise ModelConfigError(
+            f"parameter 'latency_objective_ms' is '{text}'; expected a number of milliseconds"
+        ) from None
+    if value <= 0:
+        raise ModelConfigError(f"parameter 'latency_objective_ms' is {value}; expected > 0")
+    return value / 1000
 
 
 def is_version_text(text: str) -> bool:

@@ -18,6 +18,7 @@ from typing import Any
 ENV_PREFIX = "BATCHWISE_"
 INT32_MAX = 2**31 - 1
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_FORMATS = ("text", "json")
 
 
 def _setting(
@@ -58,7 +59,16 @@ class Settings:
     metrics_port: int = _setting(
         8002, "Prometheus /metrics port; 0 picks a free port, -1 disables", low=-1, high=65535
     )
+    triton_metrics: bool = _setting(
+        True,
+        "also export Triton's metric names (nv_inference_*, nv_gpu_*) for Triton dashboards "
+        "and perf_analyzer --collect-metrics",
+    )
     log_level: str = _setting("INFO", "log level", choices=LOG_LEVELS)
+    log_format: str = _setting("text", "log line format", choices=LOG_FORMATS)
+    access_log: bool = _setting(
+        False, "log one line per inference request (model, version, status, rows, duration)"
+    )
     max_message_bytes: int = _setting(
         INT32_MAX,
         "largest gRPC message accepted or sent, in bytes (tritonclient uses INT32_MAX)",

@@ -10,11 +10,62 @@ reading happens in RPC handlers and the metrics thread, hence the lock.
 
 from __future__ import annotations
 
+import bisect
 import copy
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+
+# Histogram bucket upper bounds (Prometheus `le`); +Inf is implied.
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+PADDING_BUCKETS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
+
+
+@dataclass
+class Histogram:
+    """Counts per bucket (not cumulative; the last counts values above every bound)."""
+
+    bounds: tuple[float, ...]
+    counts: list[int] = field(default_factory=list)
+    total: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.counts:
+            self.counts = [0] * (len(self.bounds) + 1)
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def cumulative(self) -> list[tuple[float, int]]:
+        """(upper bound, observations at or below it), +Inf last: Prometheus' buckets."""
+        running = 0
+        buckets = []
+        for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            running += count
+            buckets.append((bound, running))
+        return buckets
 
 
 @dataclass
@@ -62,14 +113,27 @@ class StatsSnapshot:
     in_flight: int = 0
     input_elements: int = 0  # fed to the model, padding included
     padded_elements: int = 0
+    # Distributions for the metrics endpoint (kept only while metrics are on).
+    request_seconds: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
+    queue_seconds: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
+    compute_input_seconds: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
+    compute_infer_seconds: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
+    compute_output_seconds: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
+    batch_size: Histogram = field(default_factory=lambda: Histogram(BATCH_SIZE_BUCKETS))
+    padding_ratio: Histogram = field(default_factory=lambda: Histogram(PADDING_BUCKETS))
 
 
 class ModelStats:
-    """Thread-safe accumulator for one model version."""
+    """Thread-safe accumulator for one model version.
 
-    def __init__(self) -> None:
+    `histograms` off skips the distributions (a few bisects per request) when
+    nothing will ever scrape them; the counts ModelStatistics needs are always kept.
+    """
+
+    def __init__(self, histograms: bool = True) -> None:
         self._lock = threading.Lock()
         self._data = StatsSnapshot()
+        self._histograms = histograms
 
     def request_started(self) -> None:
         with self._lock:
@@ -83,6 +147,10 @@ class ModelStats:
             data.execution_count += 1
             data.input_elements += elements
             data.padded_elements += padded
+            if self._histograms:
+                data.batch_size.observe(batch_size)
+                if elements:
+                    data.padding_ratio.observe(padded / elements)
             batch = data.batches.setdefault(batch_size, BatchDurations())
             batch.compute_input.add(timings.compute_input_ns)
             batch.compute_infer.add(timings.compute_infer_ns)
@@ -100,6 +168,12 @@ class ModelStats:
             data.compute_output.add(timings.compute_output_ns)
             data.inference_count += rows
             data.last_inference_ms = time.time_ns() // 1_000_000
+            if self._histograms:
+                data.request_seconds.observe(total_ns / 1e9)
+                data.queue_seconds.observe(timings.queue_ns / 1e9)
+                data.compute_input_seconds.observe(timings.compute_input_ns / 1e9)
+                data.compute_infer_seconds.observe(timings.compute_infer_ns / 1e9)
+                data.compute_output_seconds.observe(timings.compute_output_ns / 1e9)
 
     def record_failure(self, total_ns: int, status: str, started: bool = True) -> None:
         """A request failed; `started` says whether request_started() counted it in flight."""

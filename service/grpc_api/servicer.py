@@ -13,6 +13,7 @@ import grpc
 from .. import __version__
 from ..errors import ServerUnavailableError, ServingError, Status
 from ..inference import RequestBuilder
+from ..logs import ACCESS_LOGGER, REQUEST_ID, new_request_id
 from ..model_config import PLATFORM
 from ..protocol import grpc_service_pb2 as pb
 from ..repository import ModelRegistry, ModelVersion, parse_version
@@ -225,6 +226,7 @@ class InferenceServicer:
             raise
         if time_remaining is not None:
             core_request.deadline_ns = received + int(time_remaining * 1e9)
+        core_request.log_id = REQUEST_ID.get()
         result = await version.infer(core_request)
         return encode_infer_response(version.name, version.version, request.id, result)
 
@@ -232,7 +234,24 @@ class InferenceServicer:
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: Any
     ) -> pb.ModelInferResponse:
-        return await self._infer(request, context.time_remaining())
+        request_id = _request_id(context)
+        REQUEST_ID.set(request_id)
+        # Trailing metadata rides along with the status: no extra message on the wire.
+        context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
+        started = time.perf_counter_ns()
+        code = "INTERNAL"
+        try:
+            response = await self._infer(request, context.time_remaining())
+            code = "OK"
+            return response
+        except ServingError as error:
+            code = error.status.value
+            raise
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        finally:
+            _access_log(request, code, started)
 
     async def ModelStreamInfer(
         self, requests: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
@@ -245,20 +264,30 @@ class InferenceServicer:
         write_lock = asyncio.Lock()
         pending: set[asyncio.Task[None]] = set()
 
-        async def serve_one(request: pb.ModelInferRequest) -> None:
+        stream_id = _request_id(context)
+
+        async def serve_one(request: pb.ModelInferRequest, index: int) -> None:
+            REQUEST_ID.set(f"{stream_id}/{index}")
+            started = time.perf_counter_ns()
+            code = "OK"
             try:
                 reply = pb.ModelStreamInferResponse(infer_response=await self._infer(request))
             except ServingError as error:
+                code = error.status.value
                 reply = self._stream_error(request, error.message)
             except Exception:
+                code = "INTERNAL"
                 log.exception("unexpected error in ModelStreamInfer")
                 reply = self._stream_error(request, INTERNAL_MESSAGE)
+            _access_log(request, code, started)
             async with write_lock:
                 await context.write(reply)
 
         try:
+            index = 0
             async for request in requests:
-                task = asyncio.create_task(serve_one(request))
+                task = asyncio.create_task(serve_one(request, index))
+                index += 1
                 pending.add(task)
                 task.add_done_callback(pending.discard)
             if pending:
@@ -275,6 +304,44 @@ class InferenceServicer:
         reply.infer_response.model_version = request.model_version
         reply.infer_response.id = request.id
         return reply
+
+
+REQUEST_ID_HEADER = "x-request-id"
+_access = logging.getLogger(ACCESS_LOGGER)
+
+
+def _request_id(context: Any) -> str:
+    """The client's x-request-id (bounded to 128 printable characters), or a new one."""
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_HEADER and isinstance(value, str):
+            cleaned = "".join(ch for ch in value[:128] if ch.isprintable())
+            if cleaned:
+                return cleaned
+    return new_request_id()
+
+
+def _access_log(request: pb.ModelInferRequest, code: str, started_ns: int) -> None:
+    if not _access.isEnabledFor(logging.INFO):
+        return
+    rows = request.inputs[0].shape[0] if request.inputs and request.inputs[0].shape else 0
+    milliseconds = (time.perf_counter_ns() - started_ns) / 1e6
+    _access.info(
+        "model=%s version=%s code=%s rows=%d duration_ms=%.3f",
+        request.model_name,
+        request.model_version or "-",
+        code,
+        rows,
+        milliseconds,
+        extra={
+            "fields": {
+                "model": request.model_name,
+                "version": request.model_version,
+                "code": code,
+                "rows": rows,
+                "duration_ms": round(milliseconds, 3),
+            }
+        },
+    )
 
 
 def unimplemented(method: str) -> Callable[[Any, grpc.aio.ServicerContext], Any]:
