@@ -272,7 +272,7 @@ def measure_raw_one_by_one(onnx: Path, lengths: list[int]) -> Raw:
 class Server:
     """`python -m service serve` on the benchmark repository, ports read from its log."""
 
-    def __init__(self, repository: Path) -> None:
+    def __init__(self, repository: Path, metrics: bool = True) -> None:
         self.process = subprocess.Popen(
             [
                 sys.executable,
@@ -288,7 +288,7 @@ class Server:
                 "--metrics-host",
                 "127.0.0.1",
                 "--metrics-port",
-                "0",
+                "0" if metrics else "-1",
             ],
             cwd=ROOT,
             stdout=subprocess.PIPE,
@@ -309,7 +309,7 @@ class Server:
                 print(line.rstrip(), file=sys.stderr)
             if "server ready" in line:
                 break
-        if not self.url or not self.metrics:
+        if not self.url or (metrics and not self.metrics):
             raise RuntimeError("the server did not start")
         threading.Thread(target=self._drain, daemon=True).start()
 
@@ -319,6 +319,8 @@ class Server:
             pass
 
     def model_counters(self, model: str) -> dict[str, float]:
+        if not self.metrics:
+            return {}
         with urllib.request.urlopen(self.metrics) as page:
             text = page.read().decode()
         counters: dict[str, float] = {}
@@ -498,6 +500,8 @@ def measure(
         )
     point.model = name
     after = server.model_counters(served)
+    if not after:
+        return point
     executions = after["executions_total"] - before["executions_total"]
     if executions:
         point.mean_batch = (after["inferences_total"] - before["inferences_total"]) / executions
@@ -665,6 +669,45 @@ def plot(points: list[Point], path: Path) -> None:
     figure.savefig(path, dpi=90)
 
 
+# ------------------------------------------------------------ metrics cost ---
+
+
+def metrics_cost(seconds: float, repeats: int, concurrency: int, client: str) -> None:
+    """Throughput with metrics on (scraped every second) vs off, alternating rounds."""
+    model = "mnist_cnn"
+    prepare_sources([model])
+    repository = write_repository([model], {})
+    on, off = Server(repository, metrics=True), Server(repository, metrics=False)
+    stop = threading.Event()
+
+    def scrape() -> None:
+        while not stop.wait(1.0):
+            with urllib.request.urlopen(on.metrics) as page:
+                page.read()
+
+    scraper = threading.Thread(target=scrape, daemon=True)
+    scraper.start()
+    rates: dict[str, list[float]] = {"on": [], "off": []}
+    try:
+        for _ in range(repeats):
+            for label, server in (("off", off), ("on", on)):
+                point = measure(server, model, "batching", concurrency, seconds, client, None)
+                if point is not None:
+                    rates[label].append(point.throughput)
+                    print(f"metrics {label}: {point.throughput:.1f}/s", file=sys.stderr)
+    finally:
+        stop.set()
+        on.stop()
+        off.stop()
+    ratios = [a / b for a, b in zip(rates["on"], rates["off"], strict=False)]
+    print(
+        f"{model} batching, {client}, concurrency {concurrency}, {repeats} rounds: "
+        f"metrics on {np.median(rates['on']):.1f}/s, off {np.median(rates['off']):.1f}/s, "
+        f"on/off median of per-round ratios {np.median(ratios):.3f} "
+        f"(rounds: {', '.join(f'{r:.3f}' for r in ratios)})"
+    )
+
+
 # ------------------------------------------------------------------- main ---
 
 
@@ -688,7 +731,15 @@ def main() -> int:
         help="rounds per point, alternating raw, per-request and batching; medians are reported",
     )
     parser.add_argument("--output", type=Path, default=ROOT / "bench-results")
+    parser.add_argument(
+        "--metrics-cost",
+        action="store_true",
+        help="only measure throughput with metrics on vs off (MNIST CNN)",
+    )
     options = parser.parse_args()
+    if options.metrics_cost:
+        metrics_cost(options.seconds, options.repeats, max(options.concurrency), options.clients[0])
+        return 0
 
     prepare_sources(options.models)
     raws: dict[str, Raw] = {}

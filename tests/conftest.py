@@ -52,15 +52,15 @@ class ServerThread:
 
 
 def serve(repository: Path, **overrides: object) -> ServerThread:
-    settings = Settings(
-        model_repository=repository,
-        grpc_host="127.0.0.1",
-        grpc_port=0,
-        metrics_host="127.0.0.1",
-        metrics_port=0,
-        **overrides,  # type: ignore[arg-type]
-    )
-    return ServerThread(settings)
+    values: dict[str, object] = {
+        "model_repository": repository,
+        "grpc_host": "127.0.0.1",
+        "grpc_port": 0,
+        "metrics_host": "127.0.0.1",
+        "metrics_port": 0,
+        **overrides,
+    }
+    return ServerThread(Settings(**values))  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="session")
