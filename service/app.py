@@ -112,6 +112,7 @@ class InferenceServer:
             await self._server.stop(FINAL_STOP_SECONDS)
         self.metrics.stop()
         self.registry.close()
+        await asyncio.to_thread(self.registry.join, FINAL_STOP_SECONDS * 10)
         log.info("server stopped")
 
 

@@ -201,6 +201,20 @@ class _Job:
     started_ns: int
 
 
+@dataclass
+class _Run:
+    """One onnxruntime run and the requests whose outcome it decides."""
+
+    members: list[_Pending]
+    timings: RequestTimings
+    outcome: BatchOutcome | BaseException
+
+
+def _tag_log_lines(batch: Sequence[_Pending]) -> None:
+    """Log lines from this thread (onnxruntime failures) name the requests being run."""
+    REQUEST_ID.set(",".join(p.request.log_id for p in batch if p.request.log_id))
+
+
 class _CostModel:
     """Execution time as a + beta * work, fitted over this model's recent runs.
 
@@ -294,7 +308,8 @@ class Scheduler:
     async def infer(self, request: InferenceRequest) -> tuple[InferenceResult, RequestTimings]:
         level = self._level(request)
         queue_policy = self.policy.queues[level]
-        waiting = len(self._queues[level - 1])
+        # Requests moved behind the others by timeout_action DELAY still occupy the queue.
+        waiting = len(self._queues[level - 1]) + len(self._queues[-1])
         if queue_policy.max_queue_size and waiting >= queue_policy.max_queue_size:
             raise ServerUnavailableError(
                 f"Exceeds maximum queue size: {self._label} has {waiting} requests queued at "
@@ -565,41 +580,79 @@ class Scheduler:
             job = self._jobs.get()
             if job is None:
                 return
-            outcome: BatchOutcome | BaseException
-            # Log lines from this run (onnxruntime failures) name the requests it serves.
-            REQUEST_ID.set(",".join(p.request.log_id for p in job.batch if p.request.log_id))
-            try:
-                outcome = self._runner.execute([p.request for p in job.batch], job.timings)
-            except BaseException as error:  # delivered to every request of the batch
-                outcome = error
+            failed_attempt, runs = self._execute(job)
             loop = self._loop
             if loop is None or loop.is_closed():
                 return
             try:
-                loop.call_soon_threadsafe(self._completed, job, outcome)
+                loop.call_soon_threadsafe(self._completed, job, failed_attempt, runs)
             except RuntimeError:  # the loop closed while this run finished
                 return
 
-    def _completed(self, job: _Job, outcome: BatchOutcome | BaseException) -> None:
-        rows = sum(p.rows for p in job.batch)
-        timings = job.timings
-        if isinstance(outcome, BaseException):
-            if timings.executed:  # onnxruntime ran (and failed): it counts as an execution
-                self._stats.record_execution(rows, timings, 0, 0)
-            error = (
-                outcome
-                if isinstance(outcome, Exception)
-                else ServerUnavailableError("the server is shutting down")
+    def _execute(self, job: _Job) -> tuple[RequestTimings | None, list[_Run]]:
+        """Run the batch; if onnxruntime rejects it, run each request on its own.
+
+        One request's data (an out-of-range token id, say) can make onnxruntime
+        fail a whole batch. Re-running the members one by one gives every other
+        request its answer and keeps one client's error, which may quote its
+        data, away from the others. Returns the failed batch attempt's timings
+        (it still counts as an execution) and the runs whose outcomes to deliver.
+        """
+        batch = job.batch
+        _tag_log_lines(batch)
+        try:
+            outcome = self._runner.execute([p.request for p in batch], job.timings)
+            return None, [_Run(batch, job.timings, outcome)]
+        except Exception as error:
+            if len(batch) == 1 or not job.timings.executed:
+                return None, [_Run(batch, job.timings, error)]
+            log.warning(
+                "%s: a batch of %d requests failed in onnxruntime (%s); running them one by one",
+                self._label,
+                len(batch),
+                error,
             )
-            for pending in job.batch:
-                self._finish(pending, error)
-        else:
-            # What a run costs the scheduler: dispatch until the result is back on the
-            # loop, thread handoffs included (they dominate for small models).
-            work = rows * max(p.length for p in job.batch)  # padded elements, in rows
-            self._costs.add(work, time.perf_counter_ns() - job.started_ns)
+        except BaseException as error:  # interpreter shutdown: tell the waiting clients
+            return None, [_Run(batch, job.timings, error)]
+        runs = []
+        for pending in batch:
+            timings = RequestTimings()
+            _tag_log_lines([pending])
+            single: BatchOutcome | BaseException
+            try:
+                single = self._runner.execute([pending.request], timings)
+            except Exception as error:
+                single = error
+            runs.append(_Run([pending], timings, single))
+        return job.timings, runs
+
+    def _completed(
+        self, job: _Job, failed_attempt: RequestTimings | None, runs: list[_Run]
+    ) -> None:
+        if failed_attempt is not None:
+            self._stats.record_execution(sum(p.rows for p in job.batch), failed_attempt, 0, 0)
+        for run in runs:
+            rows = sum(p.rows for p in run.members)
+            timings = run.timings
+            if isinstance(run.outcome, BaseException):
+                if timings.executed:  # onnxruntime ran (and failed): it counts as an execution
+                    self._stats.record_execution(rows, timings, 0, 0)
+                error = (
+                    run.outcome
+                    if isinstance(run.outcome, Exception)
+                    else ServerUnavailableError("the server is shutting down")
+                )
+                for pending in run.members:
+                    self._finish(pending, error)
+                continue
+            if failed_attempt is None:
+                # What a run costs the scheduler: dispatch until the result is back on the
+                # loop, thread handoffs included (they dominate for small models).
+                work = rows * max(p.length for p in run.members)  # padded elements, in rows
+                self._costs.add(work, time.perf_counter_ns() - job.started_ns)
+            outcome = run.outcome
             self._stats.record_execution(rows, timings, outcome.elements, outcome.padded_elements)
-            for pending, result in zip(job.batch, outcome.results, strict=True):
+            for pending, result in zip(run.members, outcome.results, strict=True):
                 own = RequestTimings(
                     queue_ns=pending.dispatched_ns - pending.enqueued_ns,
                     compute_input_ns=timings.compute_input_ns,
@@ -612,14 +665,18 @@ class Scheduler:
         self._dispatch()
 
     def close(self) -> None:
+        """Refuse what is still queued and tell the instances to stop (on the loop)."""
         if self._timer is not None:
             self._timer.cancel()
         for pending in self._ordered():
             self._fail(pending, ServerUnavailableError("the model is unloading"))
         for _ in self._workers:
             self._jobs.put(None)
+
+    def join(self, timeout: float) -> None:
+        """Wait for runs in progress to end; blocking, so off the event loop."""
         for worker in self._workers:
-            worker.join(timeout=30)
+            worker.join(timeout)
 
 
 def _product(shape: Sequence[int]) -> int:

@@ -333,7 +333,9 @@ def validate_config(
             raise ModelConfigError(
                 f"input '{entry.name}' is marked optional but the model requires it"
             )
-    return ModelSignature(config.max_batch_size, inputs, outputs, pad_values=pad_values)
+    signature = ModelSignature(config.max_batch_size, inputs, outputs, pad_values=pad_values)
+    check_padding_can_be_undone(signature)
+    return signature
 
 
 def parse_padding(config: mc.ModelConfig, inputs: tuple[TensorSpec, ...]) -> dict[str, float]:
@@ -372,6 +374,36 @@ def parse_padding(config: mc.ModelConfig, inputs: tuple[TensorSpec, ...]) -> dic
                 f"parameter 'padding': value '{text.strip()}' for input '{name}' is not a number"
             ) from None
     return values
+
+
+def check_padding_can_be_undone(signature: ModelSignature) -> None:
+    """With padding on, every variable output dim must follow a padded input dim.
+
+    Outputs are cut back per request along the dims the graph names like a
+    padded input's variable dim ('sequence'). A variable output dim with
+    another name, or behind a reshape, could not be cut, and shorter requests
+    would receive results computed on padding: refuse such a configuration.
+    """
+    if not signature.pad_values:
+        return
+    padded = {
+        spec.symbols[axis]
+        for spec in signature.inputs
+        if spec.name in signature.pad_values
+        for axis, dim in enumerate(spec.dims)
+        if dim == -1 and axis < len(spec.symbols) and spec.symbols[axis] is not None
+    }
+    for spec in signature.outputs:
+        for axis, dim in enumerate(spec.dims):
+            symbol = spec.symbols[axis] if axis < len(spec.symbols) else None
+            if dim == -1 and (spec.model_dims is not None or symbol not in padded):
+                names = ", ".join(sorted(str(p) for p in padded)) or "none"
+                raise ModelConfigError(
+                    f"output '{spec.name}' has a variable dimension {axis + 1} that the graph "
+                    f"does not tie to a padded input's dimension ({names}), so padded batches "
+                    "could not be cut back per request; remove 'padding' or give the output "
+                    "fixed dims"
+                )
 
 
 def _check_unique(specs: tuple[TensorSpec, ...], kind: str) -> None:

@@ -119,6 +119,9 @@ class ModelVersion:
     def close(self) -> None:
         self.scheduler.close()
 
+    def join(self, timeout: float) -> None:
+        self.scheduler.join(timeout)
+
 
 @dataclass
 class VersionRecord:
@@ -422,8 +425,13 @@ class ModelRegistry:
         return entries
 
     def close(self) -> None:
+        """Stop every version's scheduler (on the loop); then join() off it."""
         for version in self.loaded_versions():
             version.close()
+
+    def join(self, timeout: float) -> None:
+        for version in self.loaded_versions():
+            version.join(timeout)
 
 
 def latency_objective(config: mc.ModelConfig) -> float | None:

@@ -107,7 +107,8 @@ def session_options(
     spinning threads take the cores the gRPC event loop and the clients need.
     """
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    # Fatal only: errors reach us as exceptions and are logged with the request's id.
+    options.log_severity_level = 4
     values: dict[str, int] = {}
     for key in (*_INT_PARAMETERS, *_BOOL_PARAMETERS):
         text = _parameter(config, key)

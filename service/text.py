@@ -18,7 +18,13 @@ import numpy as np
 
 from .datatypes import DATATYPES
 from .errors import InvalidInputError
-from .model_config import GraphSignature, ModelConfigError, ModelSignature, TensorSpec
+from .model_config import (
+    GraphSignature,
+    ModelConfigError,
+    ModelSignature,
+    TensorSpec,
+    check_padding_can_be_undone,
+)
 from .protocol import model_config_pb2 as mc
 
 # Graph inputs the tokenizer can fill, by the names exporters give them.
@@ -89,10 +95,10 @@ class TextInputConfig:
                     f"text input fills {', '.join(ROLES)}, but the model also needs '{tensor.name}'"
                 )
             dtype = _INTEGER_TYPES.get(tensor.ort_type)
-            if dtype is None or len(tensor.shape) != 2:
+            if dtype is None or len(tensor.shape) != 2 or tensor.shape[1] is not None:
                 raise ModelConfigError(
                     f"input '{tensor.name}' must be an int32/int64 [batch, sequence] tensor "
-                    "for text input"
+                    "with a dynamic sequence dimension for text input"
                 )
             targets.append((tensor.name, tensor.name, dtype))
         if not any(role == "input_ids" for _, role, _ in targets):
@@ -172,6 +178,7 @@ def with_text_input(
     pad_values = dict(signature.pad_values)
     for name, role, _ in settings.targets:
         pad_values.setdefault(name, float(pad_id) if role == "input_ids" else 0.0)
+    check_padding_can_be_undone(replace(signature, pad_values=pad_values))
     return completed, replace(
         signature,
         pad_values=pad_values,

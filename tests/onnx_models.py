@@ -235,3 +235,32 @@ def sleepy_tokens() -> onnx.ModelProto:
             numpy_helper.from_array(np.array([1], np.int64), "axis1"),
         ],
     )
+
+
+def sleepy_gather(rows: int = 10, width: int = 4) -> onnx.ModelProto:
+    """emb = table[ids] ([batch, 2] ids -> [batch, 2, width]); ids >= rows make onnxruntime fail."""
+    busy, initializers = _busy_loop("steps")
+    table = np.arange(rows * width, dtype=np.float32).reshape(rows, width)
+    nodes = [
+        *busy,
+        helper.make_node("Gather", ["table", "ids"], ["gathered"]),
+        helper.make_node("Add", ["gathered", "busy_nothing"], ["emb"]),
+    ]
+    return _model(
+        nodes,
+        [
+            helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", 2]),
+            helper.make_tensor_value_info("steps", TensorProto.INT64, ["batch", 1]),
+        ],
+        [helper.make_tensor_value_info("emb", TensorProto.FLOAT, ["batch", 2, width])],
+        [*initializers, numpy_helper.from_array(table, "table")],
+    )
+
+
+def untied_tokens() -> onnx.ModelProto:
+    """tokens [batch, seq] -> copy [batch, out_seq]: the graph does not tie the two dims."""
+    return _model(
+        [helper.make_node("Identity", ["tokens"], ["copy"])],
+        [helper.make_tensor_value_info("tokens", TensorProto.FLOAT, ["batch", "seq"])],
+        [helper.make_tensor_value_info("copy", TensorProto.FLOAT, ["batch", "out_seq"])],
+    )

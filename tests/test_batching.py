@@ -67,6 +67,12 @@ MODELS: dict[str, tuple[Callable[[], Any], str]] = {
         models.sleepy_double,
         "max_batch_size: 8\ndynamic_batching { }\ninstance_group [ { count: 2 } ]\n",
     ),
+    "gather": (models.sleepy_gather, "max_batch_size: 8\ndynamic_batching { }\n"),
+    "delay_bounded": (
+        models.sleepy_double,
+        "max_batch_size: 1\ndynamic_batching { default_queue_policy { max_queue_size: 2 "
+        "timeout_action: DELAY allow_timeout_override: true } }\n",
+    ),
     "tokens": (
         models.sleepy_tokens,
         "max_batch_size: 16\ndynamic_batching { }\n"
@@ -350,3 +356,48 @@ def test_variable_lengths_are_padded_together_and_cut_back(server: ServerThread)
     after = lineup.stats()
     assert after.execution_count - before.execution_count == 3  # busy, the four similar, the 50
     assert after.padded_elements > before.padded_elements  # 9, 10, 11 were padded to 12
+
+
+def gather_inputs(ids: list[int], steps: int = 0) -> list[grpcclient.InferInput]:
+    tensor = grpcclient.InferInput("ids", [1, 2], "INT64")
+    tensor.set_data_from_numpy(np.array([ids], np.int64))
+    busy = grpcclient.InferInput("steps", [1, 1], "INT64")
+    busy.set_data_from_numpy(np.array([[steps]], np.int64))
+    return [tensor, busy]
+
+
+def test_one_bad_request_does_not_fail_its_batch(server: ServerThread) -> None:
+    """onnxruntime rejects the batch because of one request's ids; the others still answer."""
+    lineup = Lineup(server, "gather")
+    before = lineup.stats()
+    busy = lineup.submit("busy", gather_inputs([0, 0], BUSY_STEPS))
+    lineup.wait_until(lambda: lineup.version.scheduler.running == 1)
+    good = [lineup.submit(f"good{i}", gather_inputs([i, i + 1])) for i in range(3)]
+    bad = lineup.submit("bad", gather_inputs([1, 999]))
+    lineup.wait_queued(4)
+    for index, future in enumerate(good):
+        result = future.result(60)
+        assert not isinstance(result, InferenceServerException), result
+        table = np.arange(40, dtype=np.float32).reshape(10, 4)
+        np.testing.assert_array_equal(result.as_numpy("emb"), table[[index, index + 1]][None])
+    failure = bad.result(60)
+    assert isinstance(failure, InferenceServerException)
+    assert "999" in failure.message()
+    busy.result(60)
+    after = lineup.stats()
+    # busy run, the failed batch of four, then four single runs
+    assert after.execution_count - before.execution_count == 6
+    assert after.success.count - before.success.count == 4
+
+
+def test_delayed_requests_still_count_toward_max_queue_size(server: ServerThread) -> None:
+    lineup = Lineup(server, "delay_bounded")
+    busy = lineup.hold()
+    delayed = [lineup.submit(f"d{i}", double_inputs(1), timeout=1_000) for i in range(2)]
+    lineup.wait_queued(2)
+    time.sleep(0.05)  # both 1 ms timeouts pass: they move behind everything else
+    refused = lineup.submit("third", double_inputs(1)).result(60)
+    assert isinstance(refused, InferenceServerException)
+    assert "Exceeds maximum queue size" in refused.message()
+    for future in [busy, *delayed]:
+        assert not isinstance(future.result(60), InferenceServerException)

@@ -383,3 +383,41 @@ def test_batching_config_errors(tmp_path: Path, config: str, reason: str) -> Non
     with serve(tmp_path) as server, server.client() as client:
         state, found = index(client)[("m", "1")]
         assert state == "UNAVAILABLE" and reason in found, found
+
+
+def test_padding_refused_when_outputs_could_not_be_cut_back(tmp_path: Path) -> None:
+    models.save(
+        models.untied_tokens(),
+        tmp_path,
+        "untied",
+        config=(
+            'max_batch_size: 4\nparameters { key: "padding" value: { string_value: "tokens:0" } }\n'
+        ),
+    )
+    with serve(tmp_path) as server, server.client() as client:
+        state, reason = index(client)[("untied", "1")]
+        assert state == "UNAVAILABLE"
+        assert "output 'copy' has a variable dimension 1" in reason and "seq" in reason
+
+
+def test_text_input_refused_for_a_fixed_sequence_length(tmp_path: Path) -> None:
+    from models import text_task
+
+    model = models.identity(["INT64"])
+    for tensor in (*model.graph.input, *model.graph.output):
+        tensor.name = tensor.name.replace("IN_INT64", "input_ids").replace("OUT_INT64", "ids_out")
+        tensor.type.tensor_type.shape.dim[1].dim_value = 16
+    model.graph.node[0].input[0] = "input_ids"
+    model.graph.node[0].output[0] = "ids_out"
+    models.save(
+        model,
+        tmp_path,
+        "fixed_text",
+        config=(
+            'max_batch_size: 4\nparameters { key: "text_input" value: { string_value: "TEXT" } }\n'
+        ),
+    )
+    text_task.build_tokenizer(tmp_path / "fixed_text" / "tokenizer.json")
+    with serve(tmp_path) as server, server.client() as client:
+        state, reason = index(client)[("fixed_text", "1")]
+        assert state == "UNAVAILABLE" and "dynamic sequence dimension" in reason, reason

@@ -265,6 +265,7 @@ class InferenceServicer:
         pending: set[asyncio.Task[None]] = set()
 
         stream_id = _request_id(context)
+        context.set_trailing_metadata(((REQUEST_ID_HEADER, stream_id),))
 
         async def serve_one(request: pb.ModelInferRequest, index: int) -> None:
             REQUEST_ID.set(f"{stream_id}/{index}")
