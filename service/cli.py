@@ -1,4 +1,4 @@
-"""Command line: `batchwise serve` (also `python -m service serve`).
+"""Command line: `batchwise serve` and `batchwise health` (also `python -m service ...`).
 
 Flags are generated from the fields of `Settings`, so every setting has a flag,
 an environment variable (BATCHWISE_<NAME>) and a help line, and they cannot
@@ -67,6 +67,26 @@ def build_parser() -> argparse.ArgumentParser:
         "inference.GRPCInferenceService protocol, with Prometheus metrics on a second port.",
     )
     _add_setting_flags(serve)
+    health = commands.add_parser(
+        "health",
+        help="ask a running server's grpc.health.v1 service whether it serves (exit 0 if so)",
+        description="Probe a server through grpc.health.v1, as Docker HEALTHCHECK and "
+        "compose's service_healthy need: exit 0 when SERVING, 1 otherwise.",
+    )
+    health.add_argument(
+        "--address",
+        default=None,
+        help=f"host:port of the gRPC server [default 127.0.0.1 and {env_name('grpc_port')} "
+        "or 8001]",
+    )
+    health.add_argument(
+        "--model",
+        default="",
+        help="check one model's health instead of the whole server's",
+    )
+    health.add_argument(
+        "--timeout", type=float, default=3.0, help="seconds to wait for the answer [default 3]"
+    )
     return parser
 
 
@@ -82,6 +102,8 @@ def settings_from(arguments: argparse.Namespace) -> Settings:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     arguments = parser.parse_args(argv)
+    if arguments.command == "health":
+        return _health(arguments, parser)
     try:
         settings = settings_from(arguments)
     except ValueError as error:
@@ -96,6 +118,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.error("cannot start: %s", error)
             return 1
     return 0
+
+
+def _health(arguments: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .healthcheck import probe
+
+    address = arguments.address
+    if address is None:
+        try:
+            port = from_environment().get("grpc_port", 8001)
+        except ValueError as error:
+            parser.error(str(error))
+        address = f"127.0.0.1:{port}"
+    if arguments.timeout <= 0:
+        parser.error(f"--timeout {arguments.timeout}: expected a number of seconds above 0")
+    serving, description = probe(address, arguments.model, arguments.timeout)
+    sys.stdout.write(description + "\n")
+    return 0 if serving else 1
 
 
 if __name__ == "__main__":

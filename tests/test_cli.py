@@ -243,3 +243,44 @@ def test_readme_documents_every_flag() -> None:
     readme = (ROOT / "README.md").read_text()
     for spec in dataclasses.fields(Settings):
         assert "--" + spec.name.replace("_", "-") in readme, spec.name
+
+
+def _health_command(
+    *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    import os
+
+    return subprocess.run(
+        [sys.executable, "-m", "service", "health", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_health_command_reports_serving_server_and_models(running: ServerProcess) -> None:
+    port = running.grpc_port()
+    result = _health_command("--address", f"127.0.0.1:{port}")
+    assert (result.returncode, result.stdout.strip()) == (0, f"127.0.0.1:{port}: SERVING")
+    # The port can also come from the server's own variable, as in the container image.
+    result = _health_command("--model", "quick", env={"BATCHWISE_GRPC_PORT": str(port)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "(quick): SERVING" in result.stdout
+    unknown = _health_command("--address", f"127.0.0.1:{port}", "--model", "absent")
+    assert unknown.returncode == 1
+    assert "NOT_FOUND" in unknown.stdout
+
+
+def test_health_command_fails_while_draining_and_when_nobody_listens(
+    running: ServerProcess,
+) -> None:
+    port = running.grpc_port()
+    running.process.send_signal(signal.SIGTERM)
+    assert running.wait_exit(timeout=20) == 0
+    result = _health_command("--address", f"127.0.0.1:{port}", "--timeout", "1")
+    assert result.returncode == 1
+    assert "UNAVAILABLE" in result.stdout
+    bad = _health_command("--timeout", "0")
+    assert bad.returncode == 2 and "--timeout 0.0: expected" in bad.stderr
