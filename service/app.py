@@ -16,6 +16,7 @@ import signal
 import grpc
 from grpc_health.v1 import health, health_pb2
 
+from . import fatal
 from .errors import StartupError
 from .grpc_api.server import build_grpc_server
 from .grpc_api.servicer import SERVICE_NAME, InferenceServicer, ServerState
@@ -30,13 +31,21 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 # After draining, calls still open (health watches, stragglers) get this long.
 FINAL_STOP_SECONDS = 1.0
+# After a fatal error, in-flight requests get at most this long to finish.
+FATAL_GRACE_SECONDS = 5.0
+
+
+class FatalServerError(Exception):
+    """The server stopped because of a fatal runtime error; the process exits non-zero."""
 
 
 class InferenceServer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.registry = ModelRegistry(settings)
-        self.state = ServerState(self.registry, settings.strict_readiness)
+        self.state = ServerState(
+            self.registry, settings.strict_readiness, settings.max_requests_in_flight
+        )
         self.health = health.aio.HealthServicer()
         self.metrics = MetricsEndpoint(self.registry, settings.triton_metrics)
         self.grpc_port = 0
@@ -117,12 +126,29 @@ class InferenceServer:
 
 
 async def serve(settings: Settings) -> None:
-    """Run until SIGTERM or SIGINT, then drain and return."""
+    """Run until SIGTERM or SIGINT, then drain and return.
+
+    A fatal runtime error (service.fatal) also stops the server, after a
+    drain of at most FATAL_GRACE_SECONDS, and raises FatalServerError.
+    """
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop_requested.set)
-    server = InferenceServer(settings)
-    await server.start()
-    await stop_requested.wait()
-    await server.stop()
+    fatal_reasons: list[str] = []
+
+    def on_fatal(reason: str) -> None:
+        fatal_reasons.append(reason)
+        loop.call_soon_threadsafe(stop_requested.set)
+
+    unsubscribe = fatal.subscribe(on_fatal)
+    try:
+        server = InferenceServer(settings)
+        await server.start()
+        await stop_requested.wait()
+        if fatal_reasons:
+            await server.stop(min(settings.shutdown_grace_seconds, FATAL_GRACE_SECONDS))
+            raise FatalServerError(fatal_reasons[0])
+        await server.stop()
+    finally:
+        unsubscribe()

@@ -56,7 +56,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import fatal
 from .errors import (
+    FatalRuntimeError,
     InvalidInputError,
     ServerUnavailableError,
     ServingError,
@@ -575,7 +577,17 @@ class Scheduler:
     # --------------------------------------------------------- execution ---
 
     def _work(self) -> None:
-        """An instance: run batches until told to stop (None)."""
+        """An instance: run batches until told to stop (None).
+
+        A worker that dies leaves its queue unserved for good: that is fatal.
+        """
+        try:
+            self._serve_jobs()
+        except BaseException as error:
+            fatal.report(f"{self._label}: a worker thread died: {error!r}")
+            raise
+
+    def _serve_jobs(self) -> None:
         while True:
             job = self._jobs.get()
             if job is None:
@@ -604,7 +616,7 @@ class Scheduler:
             outcome = self._runner.execute([p.request for p in batch], job.timings)
             return None, [_Run(batch, job.timings, outcome)]
         except Exception as error:
-            if len(batch) == 1 or not job.timings.executed:
+            if len(batch) == 1 or not job.timings.executed or isinstance(error, FatalRuntimeError):
                 return None, [_Run(batch, job.timings, error)]
             log.warning(
                 "%s: a batch of %d requests failed in onnxruntime (%s); running them one by one",

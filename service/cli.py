@@ -87,6 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument(
         "--timeout", type=float, default=3.0, help="seconds to wait for the answer [default 3]"
     )
+    health.add_argument(
+        "--tls-ca", type=Path, help="speak TLS, trusting the server certificate this CA signed"
+    )
+    health.add_argument("--tls-cert", type=Path, help="client certificate, for mutual TLS")
+    health.add_argument("--tls-key", type=Path, help="client private key, for mutual TLS")
+    health.add_argument(
+        "--tls-server-name", help="name to verify in the server certificate (default: the host)"
+    )
     return parser
 
 
@@ -110,18 +118,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(error))
     configure_logging(settings.log_level_number, settings.log_format, settings.access_log)
     if arguments.command == "serve":
-        from .app import serve  # imports onnxruntime; keep --help fast
+        from .app import FatalServerError, serve  # imports onnxruntime; keep --help fast
+        from .fatal import EXIT_CODE
 
         try:
             asyncio.run(serve(settings))
         except StartupError as error:
             log.error("cannot start: %s", error)
             return 1
+        except FatalServerError as error:
+            log.critical("exiting with status %d after a fatal runtime error: %s", EXIT_CODE, error)
+            return EXIT_CODE
     return 0
 
 
 def _health(arguments: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .healthcheck import probe
+    from .healthcheck import ProbeTls, probe
 
     address = arguments.address
     if address is None:
@@ -132,7 +144,19 @@ def _health(arguments: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         address = f"127.0.0.1:{port}"
     if arguments.timeout <= 0:
         parser.error(f"--timeout {arguments.timeout}: expected a number of seconds above 0")
-    serving, description = probe(address, arguments.model, arguments.timeout)
+    tls = None
+    if arguments.tls_ca is not None:
+        if (arguments.tls_cert is None) != (arguments.tls_key is None):
+            parser.error("--tls-cert and --tls-key go together")
+        tls = ProbeTls(
+            arguments.tls_ca, arguments.tls_cert, arguments.tls_key, arguments.tls_server_name
+        )
+    elif arguments.tls_cert is not None or arguments.tls_key is not None:
+        parser.error("--tls-cert/--tls-key need --tls-ca")
+    try:
+        serving, description = probe(address, arguments.model, arguments.timeout, tls)
+    except OSError as error:
+        parser.error(f"cannot read a TLS file: {error}")
     sys.stdout.write(description + "\n")
     return 0 if serving else 1
 

@@ -24,6 +24,8 @@ class Status(enum.Enum):
     CANCELLED = "CANCELLED"
     RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
     INTERNAL = "INTERNAL"
+    UNAUTHENTICATED = "UNAUTHENTICATED"
+    PERMISSION_DENIED = "PERMISSION_DENIED"
 
 
 class ServingError(Exception):
@@ -70,6 +72,34 @@ class ModelExecutionError(ServingError):
     """onnxruntime failed on a request that passed validation."""
 
     status = Status.INTERNAL
+
+
+class RequestTooLargeError(ServingError):
+    """The request is above a configured size limit (elements, bytes)."""
+
+    status = Status.RESOURCE_EXHAUSTED
+
+
+class UnauthenticatedError(ServingError):
+    """The call carries no valid bearer token."""
+
+    status = Status.UNAUTHENTICATED
+
+
+class PermissionDeniedError(ServingError):
+    """The token is valid, but not for this kind of call (an inference token on load/unload)."""
+
+    status = Status.PERMISSION_DENIED
+
+
+class FatalRuntimeError(ServingError):
+    """The runtime failed in a way this process cannot recover from; the server exits.
+
+    UNAVAILABLE, not INTERNAL: the request did nothing wrong and another
+    replica (or this one, restarted) can serve it.
+    """
+
+    status = Status.UNAVAILABLE
 
 
 class ModelLoadError(Exception):

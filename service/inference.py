@@ -14,8 +14,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .datatypes import DATATYPES, DataType, format_shape, lookup
-from .errors import InvalidInputError
+from .datatypes import DATATYPES, DataType, element_count, format_shape, lookup
+from .errors import InvalidInputError, RequestTooLargeError
 from .model_config import ModelSignature, TensorSpec
 
 
@@ -61,9 +61,16 @@ class RequestBuilder:
     """Accumulates and checks the tensors of one request for one model version."""
 
     def __init__(
-        self, signature: ModelSignature, model_label: str, tokenizer: Tokenizer | None = None
+        self,
+        signature: ModelSignature,
+        model_label: str,
+        tokenizer: Tokenizer | None = None,
+        max_elements: int = 0,
     ) -> None:
         self._signature = signature
+        # 0 = no limit; otherwise the most tensor elements all inputs together may hold.
+        self._max_elements = max_elements
+        self._elements = 0
         self._label = model_label
         self._tokenizer = tokenizer
         self._inputs: dict[str, np.ndarray] = {}
@@ -97,9 +104,23 @@ class RequestBuilder:
                 f"{spec.datatype.name}"
             )
         self._check_shape(spec, shape)
+        if self._max_elements:
+            self._count_elements(name, shape)
         # Reserve the name now so that a duplicate is reported even if decoding fails later.
         self._inputs[name] = _RESERVED
         return spec, given_type
+
+    def _count_elements(self, name: str, shape: list[int]) -> None:
+        """Refuse before decoding: a BYTES tensor of many tiny strings costs ~40 bytes of
+        memory per element whatever the wire size, so elements are what must be bounded."""
+        count = element_count(shape)
+        self._elements += count
+        if self._elements > self._max_elements:
+            raise RequestTooLargeError(
+                f"input '{name}' has shape {format_shape(shape)} ({count} elements), which "
+                f"brings the request to {self._elements} elements; this server accepts at most "
+                f"{self._max_elements} per request (--max-request-elements)"
+            )
 
     def _check_shape(self, spec: TensorSpec, shape: list[int]) -> None:
         signature = self._signature

@@ -193,6 +193,7 @@ class ModelRegistry:
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
+        self.max_request_elements = settings.max_request_elements
         self.root = Path(settings.model_repository)
         self.records: dict[str, ModelRecord] = {}
         self.loading_done = False

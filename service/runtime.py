@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InvalidInputError, ModelExecutionError, ModelLoadError
+from . import fatal
+from .errors import FatalRuntimeError, InvalidInputError, ModelExecutionError, ModelLoadError
 from .model_config import GraphSignature, GraphTensor, ModelConfigError
 from .protocol import model_config_pb2 as mc
 
@@ -225,6 +226,11 @@ class OnnxSession:
             log.warning("onnxruntime rejected an input: %s", error)
             raise InvalidInputError(f"the model rejected the input: {_first_line(error)}") from None
         except Exception as error:  # onnxruntime's pybind exceptions share no base class
+            if isinstance(error, MemoryError) or fatal.is_fatal_message(str(error)):
+                fatal.report(f"onnxruntime: {_first_line(error)}")
+                raise FatalRuntimeError(
+                    "the server hit a fatal runtime error and is restarting; retry the request"
+                ) from None
             log.exception("onnxruntime run failed")
             raise ModelExecutionError(
                 f"onnxruntime failed to execute the model: {_first_line(error)}"

@@ -28,10 +28,13 @@ def _setting(
     low: float | None = None,
     high: float | None = None,
     choices: tuple[str, ...] | None = None,
+    secret: bool = False,
 ) -> Any:
+    # Secrets stay out of repr(), so a logged Settings never shows them.
     return field(
         default=default,
-        metadata={"help": help, "low": low, "high": high, "choices": choices},
+        repr=not secret,
+        metadata={"help": help, "low": low, "high": high, "choices": choices, "secret": secret},
     )
 
 
@@ -108,6 +111,39 @@ class Settings:
     model_load_parallelism: int = _setting(
         2, "how many model versions load at the same time at start-up", low=1, high=64
     )
+    max_request_elements: int = _setting(
+        2**26,
+        "most tensor elements one inference request may hold, all inputs together "
+        "(RESOURCE_EXHAUSTED above it); 0 = no limit",
+        low=0,
+        high=2**62,
+    )
+    max_requests_in_flight: int = _setting(
+        4096,
+        "inference requests the server holds at once, all models together; more are refused "
+        "at once with UNAVAILABLE before their tensors are decoded; 0 = no limit",
+        low=0,
+        high=INT32_MAX,
+    )
+    grpc_tls_cert: Path = _setting(
+        None, "PEM certificate (chain) the gRPC server presents; with --grpc-tls-key turns TLS on"
+    )
+    grpc_tls_key: Path = _setting(None, "PEM private key of --grpc-tls-cert")
+    grpc_tls_client_ca: Path = _setting(
+        None,
+        "PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS)",
+    )
+    auth_token: str = _setting(
+        None,
+        "bearer token every inference-service call must carry (metadata 'authorization: "
+        "Bearer <token>'); health checks stay open. Prefer the environment variable",
+        secret=True,
+    )
+    admin_token: str = _setting(
+        None,
+        "bearer token for RepositoryModelLoad/Unload (default: the --auth-token)",
+        secret=True,
+    )
 
     def __post_init__(self) -> None:
         if self.model_repository is None:
@@ -126,6 +162,23 @@ class Settings:
                 )
             if choices is not None and value not in choices:
                 raise ValueError(f"{spec.name} = {value!r}; expected one of {', '.join(choices)}")
+        for name in ("grpc_tls_cert", "grpc_tls_key", "grpc_tls_client_ca"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, Path(getattr(self, name)))
+        if (self.grpc_tls_cert is None) != (self.grpc_tls_key is None):
+            raise ValueError("grpc_tls_cert and grpc_tls_key go together; give both or neither")
+        if self.grpc_tls_client_ca is not None and self.grpc_tls_cert is None:
+            raise ValueError(
+                "grpc_tls_client_ca (mutual TLS) needs TLS on: give grpc_tls_cert and grpc_tls_key"
+            )
+        for name in ("auth_token", "admin_token"):
+            token = getattr(self, name)
+            if token is not None and (
+                len(token) < 16 or not (token.isascii() and token.isprintable()) or " " in token
+            ):
+                raise ValueError(
+                    f"{name} must be at least 16 printable ASCII characters without spaces"
+                )
         if (
             self.metrics_port != -1
             and self.metrics_port != 0

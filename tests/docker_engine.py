@@ -13,11 +13,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shlex
 import shutil
 import signal
 import subprocess
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +30,14 @@ DEBIAN_SUITE = "bookworm"
 BASE_PACKAGES = ("python3", "python3-venv", "ca-certificates")
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
+# Files dockerd 20.10 writes outside its data and exec roots.
+DAEMON_LEFTOVERS = (Path("/etc/docker/key.json"), Path("/run/docker"), Path("/run/containerd"))
+# Signs of another engine, which shares iptables chains and docker0 with ours.
+OTHER_ENGINE_SIGNS = (
+    Path("/sys/class/net/docker0"),
+    Path("/var/run/docker.sock"),
+    Path("/run/containerd/containerd.sock"),
+)
 IPTABLES_TABLES = ("filter", "nat")
 # The engine API of Debian bookworm's docker.io (20.10); newer engines speak it too.
 # Pinned because docker-py's version="auto" leaves its probe connection open.
@@ -78,6 +88,7 @@ class DockerEngine:
     _rules_before: dict[str, list[str]] = field(default_factory=dict)
     _links_before: set[str] = field(default_factory=set)
     _ip_forward_before: str = ""
+    _leftovers_before: set[Path] = field(default_factory=set)
 
     @property
     def socket(self) -> Path:
@@ -101,11 +112,21 @@ class DockerEngine:
                 )
         if os.geteuid() != 0:
             raise EngineUnavailableError("starting a Docker engine needs root")
+        for sign in OTHER_ENGINE_SIGNS:
+            if sign.exists():
+                # dockerd resets the DOCKER iptables chains and shares docker0: it would
+                # cut the other engine's published ports, and cleanup could remove its rules.
+                raise EngineUnavailableError(
+                    f"another Docker engine or containerd runs here ({sign} exists); the "
+                    "test starts its own engine only on a machine without one"
+                )
         # Unix socket paths are limited to 108 bytes: keep the root short.
         engine = cls(Path(tempfile.mkdtemp(prefix="bw-docker-", dir="/tmp")))
         engine._rules_before = {table: _iptables_rules(table) for table in IPTABLES_TABLES}
         engine._links_before = _links()
         engine._ip_forward_before = IP_FORWARD.read_text().strip()
+        engine._leftovers_before = {path for path in DAEMON_LEFTOVERS if path.exists()}
+        (engine.root / "daemon.json").write_text("{}\n")
         with engine.log_file.open("wb") as log:
             engine.process = subprocess.Popen(
                 [
@@ -120,6 +141,9 @@ class DockerEngine:
                     engine.host,
                     "--mtu",
                     str(_host_mtu()),
+                    # Not /etc/docker/daemon.json: only the settings given here.
+                    "--config-file",
+                    str(engine.root / "daemon.json"),
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -181,17 +205,20 @@ class DockerEngine:
 
     def _restore_network(self) -> None:
         for table in IPTABLES_TABLES:
-            before = set(self._rules_before.get(table, []))
+            before = self._rules_before.get(table, [])
             now = _iptables_rules(table)
-            for rule in now:
-                if rule.startswith("-A ") and rule not in before:
-                    _run("iptables", "-t", table, "-D", *rule[3:].split(), check=False)
-            for rule in now:
-                if rule.startswith("-N ") and rule not in before:
+            # A multiset: a rule added twice is deleted twice, one present before stays.
+            added = Counter(now) - Counter(before)
+            for rule, times in added.items():
+                if rule.startswith("-A "):
+                    for _ in range(times):
+                        _run("iptables", "-t", table, "-D", *shlex.split(rule)[1:], check=False)
+            for rule in added:
+                if rule.startswith("-N "):
                     chain = rule.split()[1]
                     _run("iptables", "-t", table, "-F", chain, check=False)
                     _run("iptables", "-t", table, "-X", chain, check=False)
-            for rule in before:
+            for rule in self._rules_before.get(table, []):
                 # dockerd sets the FORWARD policy to DROP; put every policy back.
                 if rule.startswith("-P "):
                     _run("iptables", "-t", table, *rule.split(), check=False)
@@ -199,6 +226,12 @@ class DockerEngine:
             _run("ip", "link", "delete", link, check=False)
         if self._ip_forward_before:
             IP_FORWARD.write_text(self._ip_forward_before + "\n")
+        for path in DAEMON_LEFTOVERS:
+            if path not in self._leftovers_before:
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
 
     def _unmount_leftovers(self) -> None:
         mounts = Path("/proc/mounts").read_text().splitlines()

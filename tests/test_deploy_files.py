@@ -105,6 +105,12 @@ def test_compose_stack_is_valid_and_wired_as_documented() -> None:
         if volume["type"] == "bind"
     }
     assert mounts["/etc/nginx/nginx.conf"] == DEPLOY / "nginx" / "nginx.conf"
+    assert mounts["/etc/nginx/run-nginx.sh"] == DEPLOY / "nginx" / "run-nginx.sh"
+    assert services["lb"]["command"] == ["sh", "/etc/nginx/run-nginx.sh"]
+    # Monitoring UIs (Grafana has a default admin password) stay on loopback by default.
+    for name in ("prometheus", "grafana"):
+        assert services[name]["ports"][0]["host_ip"] == "127.0.0.1"
+    assert services["lb"]["ports"][0]["host_ip"] == "0.0.0.0"
     assert mounts["/etc/prometheus"] == DEPLOY / "prometheus"
     assert mounts["/etc/grafana/provisioning"] == DEPLOY / "grafana" / "provisioning"
     # The provisioning file points Grafana at the folder the dashboards are mounted on.

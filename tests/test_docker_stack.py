@@ -37,7 +37,7 @@ from tests.docker_engine import (
 )
 from tests.process import ROOT
 
-pytestmark = [pytest.mark.slow, pytest.mark.docker]
+pytestmark = [pytest.mark.slow, pytest.mark.docker, pytest.mark.timeout(1200)]
 
 DEPLOY = ROOT / "deploy"
 PROJECT = "batchwise-e2e"
@@ -45,7 +45,6 @@ BASE_IMAGE = "batchwise-e2e/base"
 SERVER_IMAGE = "batchwise-e2e/server:test"
 TOOLS_IMAGE = "batchwise-e2e/tools:test"
 REPLICAS = 2
-SETUP_TIMEOUT = 1200
 
 
 def _free_port() -> int:
@@ -79,6 +78,7 @@ class Stack:
             **self.engine.environment(),
             "SERVER_REPLICAS": str(REPLICAS),
             "BIND_ADDRESS": "127.0.0.1",
+            "MONITORING_BIND_ADDRESS": "127.0.0.1",
             "GRPC_PORT": str(self.grpc_port),
             "PROMETHEUS_PORT": str(self.prometheus_port),
         }
@@ -191,7 +191,6 @@ def _add_sub_inputs(value: float) -> list[grpcclient.InferInput]:
     return tensors
 
 
-@pytest.mark.timeout(SETUP_TIMEOUT)
 def test_image_is_small_non_root_and_has_no_training_stack(
     stack: Stack,
 ) -> None:
@@ -277,7 +276,13 @@ def test_stopping_a_replica_loses_no_request_that_the_client_retries(stack: Stac
                     try:
                         result = client.infer("add_sub", _add_sub_inputs(value))
                     except InferenceServerException as error:
-                        if error.status() != "StatusCode.UNAVAILABLE":
+                        # UNAVAILABLE: refused by the draining replica. CANCELLED with gRPC's
+                        # own message: reached the replica as it stopped, never processed.
+                        retryable = error.status() == "StatusCode.UNAVAILABLE" or (
+                            error.status() == "StatusCode.CANCELLED"
+                            and error.message() == "CANCELLED"
+                        )
+                        if not retryable:
                             failures.append(f"{error.status()}: {error.message()}")
                             return
                         retried.append(attempt)
@@ -316,3 +321,30 @@ def test_stopping_a_replica_loses_no_request_that_the_client_retries(stack: Stac
         for index in range(6):
             client.infer("add_sub", _add_sub_inputs(float(index)))
     assert _replica_requests(surviving, "add_sub") - before == 6
+
+
+def test_the_balancer_follows_a_new_replica_without_a_reload(stack: Stack) -> None:
+    # Runs after a replica was stopped: scale to three (the stopped one comes back and a
+    # new one starts, at addresses nginx has never resolved) and wait for traffic to reach
+    # both, with no one touching nginx.
+    stack.compose(
+        "up", "--detach", "--no-build", "--wait", "--scale", f"server={REPLICAS + 1}", "server"
+    )
+    replicas = [replica for replica in stack.replicas() if replica.status == "running"]
+    assert len(replicas) == REPLICAS + 1
+    before = {str(replica.name): _replica_requests(replica, "add_sub") for replica in replicas}
+    deadline = time.monotonic() + 60
+    reached: set[str] = set()
+    with grpcclient.InferenceServerClient(stack.url) as client:
+        while time.monotonic() < deadline and len(reached) < len(replicas):
+            for index in range(12):
+                client.infer("add_sub", _add_sub_inputs(float(index)))
+            reached = {
+                str(replica.name)
+                for replica in replicas
+                if _replica_requests(replica, "add_sub") > before[str(replica.name)]
+            }
+            time.sleep(1)
+    assert reached == set(before), f"replicas that got traffic: {sorted(reached)}"
+    logs = stack.compose("logs", "--no-color", "lb")
+    assert "reloading nginx" in logs.stdout + logs.stderr

@@ -23,6 +23,8 @@ GRPC_CODES: dict[Status, grpc.StatusCode] = {
     Status.CANCELLED: grpc.StatusCode.CANCELLED,
     Status.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Status.INTERNAL: grpc.StatusCode.INTERNAL,
+    Status.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
+    Status.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
 }
 
 INTERNAL_MESSAGE = "internal server error; the server log has the details"

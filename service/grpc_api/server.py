@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ssl
+from pathlib import Path
+
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -9,6 +12,7 @@ from grpc_reflection.v1alpha import reflection
 from ..errors import StartupError
 from ..protocol import POOL
 from ..settings import Settings
+from .auth import TokenGuard
 from .servicer import SERVICE_NAME, InferenceServicer, rpc_handler
 
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
@@ -20,6 +24,44 @@ def _register_health_descriptor() -> None:
         POOL.FindFileByName(health_pb2.DESCRIPTOR.name)
     except KeyError:
         POOL.AddSerializedFile(health_pb2.DESCRIPTOR.serialized_pb)
+
+
+def _read_pem(path: Path, what: str) -> bytes:
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise StartupError(f"cannot read the {what} {path}: {error.strerror}") from None
+    if b"-----BEGIN " not in data:
+        raise StartupError(f"the {what} {path} is not PEM (no '-----BEGIN' line)")
+    return data
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS credentials from the settings, or None for plaintext.
+
+    With a client CA, a client certificate signed by it is required (mutual
+    TLS); gRPC then refuses the handshake of any client without one.
+    """
+    if settings.grpc_tls_cert is None or settings.grpc_tls_key is None:
+        return None
+    chain = _read_pem(settings.grpc_tls_cert, "TLS certificate")
+    key = _read_pem(settings.grpc_tls_key, "TLS private key")
+    # gRPC would only fail at the first handshake; say at start-up what is wrong.
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+            settings.grpc_tls_cert, settings.grpc_tls_key
+        )
+    except ssl.SSLError as error:
+        raise StartupError(
+            f"the TLS certificate {settings.grpc_tls_cert} and key {settings.grpc_tls_key} "
+            f"cannot be used together: {error.reason or error}"
+        ) from None
+    client_ca = None
+    if settings.grpc_tls_client_ca is not None:
+        client_ca = _read_pem(settings.grpc_tls_client_ca, "client CA bundle")
+    return grpc.ssl_server_credentials(
+        [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
 
 
 def build_grpc_server(
@@ -34,15 +76,20 @@ def build_grpc_server(
             ("grpc.so_reuseport", 0),
         ]
     )
-    server.add_generic_rpc_handlers((rpc_handler(servicer),))
+    guard = TokenGuard(settings.auth_token, settings.admin_token)
+    server.add_generic_rpc_handlers((rpc_handler(servicer, guard),))
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     _register_health_descriptor()
     reflection.enable_server_reflection(
         (SERVICE_NAME, HEALTH_SERVICE, reflection.SERVICE_NAME), server, pool=POOL
     )
     address = f"{settings.grpc_host}:{settings.grpc_port}"
+    credentials = server_credentials(settings)
     try:
-        port = server.add_insecure_port(address)
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
     except RuntimeError as error:
         raise StartupError(f"cannot listen for gRPC on {address}: {error}") from None
     if port == 0:

@@ -18,6 +18,7 @@ from ..model_config import PLATFORM
 from ..protocol import grpc_service_pb2 as pb
 from ..repository import ModelRegistry, ModelVersion, parse_version
 from ..statistics import Duration, StatsSnapshot
+from .auth import TokenGuard
 from .codec import (
     INLINE_DECODE_LIMIT,
     decode_infer_request,
@@ -38,9 +39,10 @@ EXTENSIONS = ("model_configuration", "statistics")
 class ServerState:
     """Readiness as the protocol and health checks report it."""
 
-    def __init__(self, registry: ModelRegistry, strict: bool) -> None:
+    def __init__(self, registry: ModelRegistry, strict: bool, max_in_flight: int = 0) -> None:
         self._registry = registry
         self._strict = strict
+        self._max_in_flight = max_in_flight
         self.draining = False
         self.in_flight = 0
         self._idle = asyncio.Event()
@@ -70,6 +72,12 @@ class ServerState:
             raise ServerUnavailableError("the server is shutting down")
         if not self._registry.loading_done:
             raise ServerUnavailableError("the server is still loading models")
+        if self._max_in_flight and self.in_flight >= self._max_in_flight:
+            # Admission before decoding: a flood cannot pile up decoded tensors in memory.
+            raise ServerUnavailableError(
+                f"the server is at its limit of {self._max_in_flight} requests in flight "
+                "(--max-requests-in-flight); retry later"
+            )
 
 
 def _duration(target: pb.StatisticDuration, source: Duration) -> None:
@@ -213,7 +221,12 @@ class InferenceServicer:
         self, request: pb.ModelInferRequest, received: int, time_remaining: float | None
     ) -> pb.ModelInferResponse:
         version = self._registry.resolve(request.model_name, request.model_version)
-        builder = RequestBuilder(version.signature, version.label, version.text_encoder)
+        builder = RequestBuilder(
+            version.signature,
+            version.label,
+            version.text_encoder,
+            self._registry.max_request_elements,
+        )
         try:
             if python_decode_cost(request) > INLINE_DECODE_LIMIT:
                 core_request = await asyncio.to_thread(
@@ -356,7 +369,20 @@ def unimplemented(method: str) -> Callable[[Any, grpc.aio.ServicerContext], Any]
     return handler
 
 
-def rpc_handler(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
+def _guarded(method: str, implementation: Any, guard: TokenGuard) -> Any:
+    async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            guard.check(method, context.invocation_metadata())
+        except ServingError as error:
+            await context.abort(GRPC_CODES[error.status], error.message)
+        return await implementation(request, context)
+
+    return handler
+
+
+def rpc_handler(
+    servicer: InferenceServicer, guard: TokenGuard | None = None
+) -> grpc.GenericRpcHandler:
     """Method handlers for every RPC in the service descriptor, implemented or not."""
     service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
     handlers = {}
@@ -364,6 +390,8 @@ def rpc_handler(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
         request_type = getattr(pb, method.input_type.name)
         response_type = getattr(pb, method.output_type.name)
         implementation = getattr(servicer, method.name, None) or unimplemented(method.name)
+        if guard is not None and guard.enabled:
+            implementation = _guarded(method.name, implementation, guard)
         factory = (
             grpc.stream_stream_rpc_method_handler
             if method.client_streaming
