@@ -52,12 +52,15 @@ class InferenceServer:
         self.metrics_port = 0
         self._server: grpc.aio.Server | None = None
         self._loading: asyncio.Task[None] | None = None
+        self._polling: asyncio.Task[None] | None = None
+        self._health_updates: set[asyncio.Task[None]] = set()
+        self.registry.on_change = self._model_changed
 
     async def start(self) -> None:
         """Listen on both ports; model loading continues in the background."""
         if not self.registry.root.is_dir():
             raise StartupError(f"model repository {self.registry.root} is not a folder")
-        servicer = InferenceServicer(self.registry, self.state)
+        servicer = InferenceServicer(self.registry, self.state, self.settings.model_control_mode)
         server, self.grpc_port = build_grpc_server(self.settings, servicer, self.health)
         self._server = server
         await self._set_overall_health(NOT_SERVING)
@@ -84,9 +87,24 @@ class InferenceServer:
         if self._loading is not None:
             await asyncio.shield(self._loading)
 
+    def _startup_models(self) -> list[str] | None:
+        """Which models to load at start: all, or in explicit mode only --load-model's."""
+        if self.settings.model_control_mode != "explicit":
+            return None
+        names = [name.strip() for name in self.settings.load_model.split(",") if name.strip()]
+        return None if "*" in names else names
+
+    def _model_changed(self, name: str) -> None:
+        status = SERVING if self.registry.is_ready(name) else NOT_SERVING
+        task = asyncio.create_task(self.health.set(name, status))
+        self._health_updates.add(task)
+        task.add_done_callback(self._health_updates.discard)
+
     async def _load_models(self) -> None:
+        polling = self.settings.model_control_mode == "poll"
+        snapshot = await asyncio.to_thread(self.registry.fingerprints) if polling else {}
         try:
-            await self.registry.load_all()
+            await self.registry.load_all(self._startup_models())
         except Exception:
             log.exception("loading the model repository failed")
             self.registry.loading_done = True
@@ -98,6 +116,10 @@ class InferenceServer:
         entries = self.registry.index(ready_only=False)
         ready = sum(1 for entry in entries if entry.state == "READY")
         log.info("server ready: %d of %d model versions ready", ready, len(entries))
+        if polling:
+            self._polling = asyncio.create_task(
+                self.registry.poll(self.settings.repository_poll_seconds, snapshot)
+            )
 
     async def _set_overall_health(self, status: int) -> None:
         for service in ("", SERVICE_NAME):
@@ -117,6 +139,8 @@ class InferenceServer:
             )
         if self._loading is not None and not self._loading.done():
             self._loading.cancel()
+        if self._polling is not None:
+            self._polling.cancel()
         if self._server is not None:
             await self._server.stop(FINAL_STOP_SECONDS)
         self.metrics.stop()

@@ -92,6 +92,18 @@ class PermissionDeniedError(ServingError):
     status = Status.PERMISSION_DENIED
 
 
+class FailedPreconditionError(ServingError):
+    """The call is valid but not in the server's current configuration (e.g. model control off)."""
+
+    status = Status.FAILED_PRECONDITION
+
+
+class ModelLoadFailedError(ServingError):
+    """RepositoryModelLoad could not load the model; what served before still serves."""
+
+    status = Status.FAILED_PRECONDITION
+
+
 class FatalRuntimeError(ServingError):
     """The runtime failed in a way this process cannot recover from; the server exits.
 

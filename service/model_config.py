@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-from google.protobuf import text_format
+from google.protobuf import json_format, text_format
 
 from .datatypes import BY_CONFIG_NAME, BY_ORT_TYPE, DataType, format_shape
 from .errors import ModelLoadError
@@ -147,6 +147,19 @@ def read_config(path: Path) -> ConfigFile:
     except (OSError, UnicodeDecodeError) as error:
         raise ModelConfigError(f"cannot read {path.name}: {error}") from None
     return parse_config_text(text, source=path.name)
+
+
+def parse_config_json(text: str) -> ConfigFile:
+    """A configuration given as JSON (RepositoryModelLoad's `config` parameter, as Triton)."""
+    config = mc.ModelConfig(max_batch_size=_UNSET_BATCH_SIZE)
+    try:
+        json_format.Parse(text, config, ignore_unknown_fields=False)
+    except json_format.ParseError as error:
+        raise ModelConfigError(f"not a valid model configuration in JSON: {error}") from None
+    given = config.max_batch_size != _UNSET_BATCH_SIZE
+    if not given:
+        config.max_batch_size = 0
+    return ConfigFile(config, max_batch_size_given=given)
 
 
 def _parse(text: str, allow_unknown: bool) -> mc.ModelConfig:

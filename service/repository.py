@@ -11,7 +11,7 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +21,7 @@ from .datatypes import format_shape
 from .errors import (
     InvalidInputError,
     ModelLoadError,
+    ModelLoadFailedError,
     ModelNotFoundError,
     ModelNotReadyError,
     ServingError,
@@ -48,6 +49,10 @@ log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.pbtxt"
 DEFAULT_MODEL_FILE = "model.onnx"
+
+
+# Per model folder: (relative path, size, mtime_ns) of every file in it.
+Fingerprints = dict[str, tuple[tuple[str, int, int], ...]]
 
 
 class VersionState(enum.Enum):
@@ -78,6 +83,11 @@ class ModelVersion:
         self.signature = signature
         self.session = session
         self.label = f"model '{name}' version {version}"
+        # Requests that resolved to this version and are not finished with it yet;
+        # a version replaced or unloaded is closed only once this is back to 0.
+        self.active = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
         self.stats = ModelStats(histograms=histograms)
         self.load_seconds = 0.0
         self.latency_objective_seconds = latency_objective(config)
@@ -109,6 +119,18 @@ class ModelVersion:
         )
         return result
 
+    def enter(self) -> None:
+        self.active += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.active -= 1
+        if self.active == 0:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
     def record_failure(self, received_ns: int, status: Status) -> None:
         """Count a request that reached this version but failed validation."""
         self._failed(received_ns, status, started=False)
@@ -138,6 +160,8 @@ class ModelRecord:
     name: str
     reason: str = ""  # set when the model as a whole could not be loaded
     versions: dict[int, VersionRecord] = field(default_factory=dict)
+    # Unloaded on request (or removed from a polled repository): listed, never served.
+    unloaded: bool = False
 
     def ready_versions(self) -> list[ModelVersion]:
         return [
@@ -197,10 +221,17 @@ class ModelRegistry:
         self.root = Path(settings.model_repository)
         self.records: dict[str, ModelRecord] = {}
         self.loading_done = False
+        self._locks: dict[str, asyncio.Lock] = {}
+        # Called with a model name whenever what it serves changes (health follows it).
+        self.on_change: Callable[[str], None] | None = None
+        self._loader = ThreadPoolExecutor(
+            max_workers=settings.model_load_parallelism, thread_name_prefix="model-load"
+        )
 
     # ------------------------------------------------------------ loading ---
 
-    async def load_all(self) -> None:
+    async def load_all(self, only: Sequence[str] | None = None) -> None:
+        """Load the repository's models at start-up (`only`: just these names)."""
         if not self.root.is_dir():
             raise ModelLoadError(f"model repository {self.root} is not a folder")
         names = sorted(
@@ -208,6 +239,11 @@ class ModelRegistry:
             for child in self.root.iterdir()
             if child.is_dir() and not child.name.startswith(".")
         )
+        if only is not None:
+            missing = sorted(set(only) - set(names))
+            for name in missing:
+                log.error("model '%s' (--load-model) is not in the repository", name)
+            names = [name for name in names if name in only]
         if not names:
             log.warning("model repository %s holds no models", self.root)
         jobs: list[tuple[ModelRecord, ConfigFile, VersionRecord]] = []
@@ -250,10 +286,14 @@ class ModelRegistry:
             text = text.replace(prefix + "/", "")
         return text
 
-    def _plan_model(self, name: str) -> tuple[ConfigFile, list[int]]:
+    def _plan_model(
+        self, name: str, override: ConfigFile | None = None
+    ) -> tuple[ConfigFile, list[int]]:
         model_dir = self.root / name
         config_path = model_dir / CONFIG_FILE
-        if config_path.is_file():
+        if override is not None:
+            config_file = override
+        elif config_path.is_file():
             config_file = read_config(config_path)
         elif self._settings.auto_complete_config:
             config_file = ConfigFile(mc.ModelConfig(), max_batch_size_given=False)
@@ -315,6 +355,11 @@ class ModelRegistry:
             model_path = model_path / DEFAULT_MODEL_FILE
         if not model_path.is_file():
             raise ModelLoadError(f"{version}/{filename} was not found")
+        if not self._inside_repository(model_path):
+            raise ModelLoadError(
+                f"{version}/{filename} resolves outside the model repository (a symlink or "
+                "'..' in default_model_filename); models must live inside it"
+            )
         providers = available_providers()
         gpu_available = CUDA in providers
         normalized = normalize_config(config_file, name, gpu_available)
@@ -349,6 +394,172 @@ class ModelRegistry:
             encoder,
             histograms=self._settings.metrics_port >= 0,
         )
+
+    # ------------------------------------------------------ model control ---
+
+    def _inside_repository(self, path: Path) -> bool:
+        return path.resolve().is_relative_to(self.root.resolve())
+
+    def model_folder(self, name: str) -> Path:
+        """The folder of model `name`, refusing names that would leave the repository.
+
+        Names come from clients (RepositoryModelLoad): one plain path component,
+        no separators, no '.'/'..', no hidden names, and the folder, symlinks
+        resolved, must be inside the repository.
+        """
+        if not name:
+            raise InvalidInputError("model name is empty")
+        bad = (
+            "/" in name
+            or "\\" in name
+            or "\0" in name
+            or name.startswith(".")
+            or Path(name).is_absolute()
+            or len(name) > 255
+        )
+        if bad:
+            raise InvalidInputError(
+                f"model name {name[:80]!r} is not a folder name inside the repository: no path "
+                "separators, no leading '.', at most 255 characters"
+            )
+        folder = self.root / name
+        if not folder.is_dir():
+            raise ModelNotFoundError(f"the model repository has no folder '{name}'")
+        if not self._inside_repository(folder):
+            raise InvalidInputError(
+                f"model folder '{name}' is a symlink that leads outside the model repository"
+            )
+        return folder
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        return self._locks.setdefault(name, asyncio.Lock())
+
+    async def load_model(self, name: str, override: ConfigFile | None = None) -> None:
+        """(Re)load every selected version of `name`; swap them in only if all load.
+
+        Requests keep going to the versions being replaced until the swap (one
+        assignment on the event loop); those versions close once the requests
+        that resolved to them have finished. A failed load changes nothing and
+        raises ModelLoadFailedError with each reason.
+        """
+        self.model_folder(name)
+        async with self._lock(name):
+            record = ModelRecord(name)
+            try:
+                config_file, versions = await asyncio.to_thread(self._plan_model, name, override)
+            except ModelLoadError as error:
+                reason = self._failed_load(name, self._scrub(str(error)))
+                raise ModelLoadFailedError(reason) from None
+            record.versions = {version: VersionRecord(version) for version in versions}
+            loop = asyncio.get_running_loop()
+            await asyncio.gather(
+                *(
+                    loop.run_in_executor(
+                        self._loader, self._load_version, record, config_file, version
+                    )
+                    for version in record.versions.values()
+                )
+            )
+            failed = [v for v in record.versions.values() if v.state is not VersionState.READY]
+            if failed:
+                await self._close_record(record)
+                reasons = "; ".join(f"version {v.version}: {v.reason}" for v in failed)
+                raise ModelLoadFailedError(self._failed_load(name, reasons))
+            previous = self.records.get(name)
+            self.records[name] = record
+            log.info("model '%s' loaded: versions %s", name, sorted(record.versions))
+            self._notify(name)
+            if previous is not None:
+                await self._close_record(previous)
+
+    def _failed_load(self, name: str, reason: str) -> str:
+        current = self.records.get(name)
+        keeps = current is not None and current.ready_versions()
+        suffix = "; the versions loaded before keep serving" if keeps else ""
+        return f"failed to load model '{name}': {reason}{suffix}"
+
+    async def unload_model(self, name: str) -> None:
+        """Stop serving `name`; returns once its in-flight requests have finished."""
+        if not name:
+            raise InvalidInputError("model name is empty")
+        async with self._lock(name):
+            previous = self.records.get(name)
+            if previous is None:
+                raise ModelNotFoundError(f"model '{name}' is not loaded")
+            unloaded = ModelRecord(
+                name,
+                versions={
+                    number: VersionRecord(number, VersionState.UNAVAILABLE, "unloaded")
+                    for number in previous.versions
+                },
+                unloaded=True,
+            )
+            self.records[name] = unloaded
+            self._notify(name)
+            await self._close_record(previous)
+            log.info("model '%s' unloaded", name)
+
+    async def _close_record(self, record: ModelRecord) -> None:
+        versions = [v.loaded for v in record.versions.values() if v.loaded is not None]
+        for version in versions:
+            await version.wait_idle()
+        for version in versions:
+            version.close()
+
+        def join_all() -> None:
+            for version in versions:
+                version.join(10)
+
+        await asyncio.to_thread(join_all)
+
+    def _notify(self, name: str) -> None:
+        if self.on_change is not None:
+            self.on_change(name)
+
+    def fingerprints(self) -> Fingerprints:
+        """What poll mode compares: every file of every model folder (path, size, mtime)."""
+        prints: Fingerprints = {}
+        if not self.root.is_dir():
+            return prints
+        for folder in sorted(self.root.iterdir()):
+            if not folder.is_dir() or folder.name.startswith("."):
+                continue
+            entries = []
+            for path in sorted(folder.rglob("*")):
+                try:
+                    info = path.stat()
+                except OSError:
+                    continue
+                if path.is_file():
+                    entries.append((str(path.relative_to(folder)), info.st_size, info.st_mtime_ns))
+            prints[folder.name] = tuple(entries)
+        return prints
+
+    async def poll(self, interval: float, known: Fingerprints) -> None:
+        """Poll mode: reload changed models, load new ones, unload removed ones, forever.
+
+        `known` is the repository as it was when start-up loading began, so that
+        a change made during loading is seen by the first poll.
+        """
+        known = dict(known)
+        while True:
+            await asyncio.sleep(interval)
+            current = await asyncio.to_thread(self.fingerprints)
+            for name, fingerprint in current.items():
+                if known.get(name) == fingerprint:
+                    continue
+                known[name] = fingerprint
+                log.info("repository poll: model '%s' changed on disk; loading it", name)
+                try:
+                    await self.load_model(name)
+                except ServingError as error:
+                    log.error("repository poll: %s", error.message)
+            for name in sorted(set(known) - set(current)):
+                del known[name]
+                record = self.records.get(name)
+                if record is not None and not record.unloaded:
+                    log.info("repository poll: model '%s' was removed; unloading it", name)
+                    await self.unload_model(name)
 
     # ---------------------------------------------------------- resolving ---
 
@@ -399,9 +610,12 @@ class ModelRegistry:
 
     def all_ready(self) -> bool:
         return all(
-            not record.reason
-            and record.versions
-            and all(v.state is VersionState.READY for v in record.versions.values())
+            record.unloaded
+            or (
+                not record.reason
+                and record.versions
+                and all(v.state is VersionState.READY for v in record.versions.values())
+            )
             for record in self.records.values()
         )
 
@@ -411,6 +625,17 @@ class ModelRegistry:
 
     def index(self, ready_only: bool) -> list[IndexEntry]:
         entries = []
+        if not ready_only and self.root.is_dir():
+            # Folders never loaded (explicit mode) are listed too, as Triton does.
+            for child in sorted(self.root.iterdir()):
+                if (
+                    child.is_dir()
+                    and not child.name.startswith(".")
+                    and (child.name not in self.records)
+                ):
+                    entries.append(
+                        IndexEntry(child.name, "", VersionState.UNAVAILABLE.value, "not loaded")
+                    )
         for name in sorted(self.records):
             record = self.records[name]
             if record.reason:
@@ -423,10 +648,11 @@ class ModelRegistry:
                 if ready_only and version.state is not VersionState.READY:
                     continue
                 entries.append(IndexEntry(name, str(number), version.state.value, version.reason))
-        return entries
+        return sorted(entries, key=lambda entry: (entry.name, entry.version))
 
     def close(self) -> None:
         """Stop every version's scheduler (on the loop); then join() off it."""
+        self._loader.shutdown(wait=False, cancel_futures=True)
         for version in self.loaded_versions():
             version.close()
 

@@ -19,6 +19,7 @@ ENV_PREFIX = "BATCHWISE_"
 INT32_MAX = 2**31 - 1
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("text", "json")
+CONTROL_MODES = ("none", "explicit", "poll")
 
 
 def _setting(
@@ -110,6 +111,21 @@ class Settings:
     )
     model_load_parallelism: int = _setting(
         2, "how many model versions load at the same time at start-up", low=1, high=64
+    )
+    model_control_mode: str = _setting(
+        "none",
+        "none: load the repository at start-up, no changes after; explicit: load and unload "
+        "through RepositoryModelLoad/Unload (and --load-model at start-up); poll: follow the "
+        "repository on disk every --repository-poll-seconds",
+        choices=CONTROL_MODES,
+    )
+    load_model: str = _setting(
+        "",
+        "explicit mode: comma-separated models to load at start-up ('*' = all); others wait "
+        "for RepositoryModelLoad",
+    )
+    repository_poll_seconds: float = _setting(
+        15.0, "poll mode: seconds between two looks at the repository", low=0.1, high=86400.0
     )
     max_request_elements: int = _setting(
         2**26,

@@ -11,10 +11,17 @@ from typing import Any
 import grpc
 
 from .. import __version__
-from ..errors import ServerUnavailableError, ServingError, Status
+from ..errors import (
+    FailedPreconditionError,
+    InvalidInputError,
+    ServerUnavailableError,
+    ServingError,
+    Status,
+    UnsupportedError,
+)
 from ..inference import RequestBuilder
 from ..logs import ACCESS_LOGGER, REQUEST_ID, new_request_id
-from ..model_config import PLATFORM
+from ..model_config import PLATFORM, ModelConfigError, parse_config_json
 from ..protocol import grpc_service_pb2 as pb
 from ..repository import ModelRegistry, ModelVersion, parse_version
 from ..statistics import Duration, StatsSnapshot
@@ -34,6 +41,8 @@ SERVER_NAME = "batchwise"
 # Only what is implemented: perf_analyzer reads `statistics` to decide whether
 # to call ModelStatistics around each measurement window.
 EXTENSIONS = ("model_configuration", "statistics")
+# Added in explicit model control mode, where RepositoryModelLoad/Unload work.
+CONTROL_EXTENSIONS = ("model_repository",)
 
 
 class ServerState:
@@ -104,9 +113,12 @@ def _statistics(version: ModelVersion, snapshot: StatsSnapshot) -> pb.ModelStati
 
 
 class InferenceServicer:
-    def __init__(self, registry: ModelRegistry, state: ServerState) -> None:
+    def __init__(
+        self, registry: ModelRegistry, state: ServerState, control_mode: str = "none"
+    ) -> None:
         self._registry = registry
         self._state = state
+        self._control_mode = control_mode
 
     # ------------------------------------------------------------- health ---
 
@@ -135,8 +147,11 @@ class InferenceServicer:
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: Any
     ) -> pb.ServerMetadataResponse:
+        extensions = list(EXTENSIONS)
+        if self._control_mode == "explicit":
+            extensions += CONTROL_EXTENSIONS
         return pb.ServerMetadataResponse(
-            name=SERVER_NAME, version=__version__, extensions=list(EXTENSIONS)
+            name=SERVER_NAME, version=__version__, extensions=extensions
         )
 
     @translate_errors
@@ -204,6 +219,66 @@ class InferenceServicer:
             )
         return response
 
+    # ------------------------------------------------------ model control ---
+
+    def _check_control(self, rpc: str, repository_name: str) -> None:
+        if self._control_mode != "explicit":
+            raise FailedPreconditionError(
+                f"{rpc} needs --model-control-mode explicit; this server runs in mode "
+                f"'{self._control_mode}'"
+                + (" (it follows the repository on disk)" if self._control_mode == "poll" else "")
+            )
+        if repository_name:
+            raise InvalidInputError(
+                f"repository_name '{repository_name[:80]}': this server has one repository; "
+                "leave repository_name empty"
+            )
+        if self._state.draining:
+            raise ServerUnavailableError("the server is shutting down")
+
+    @translate_errors
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: Any
+    ) -> pb.RepositoryModelLoadResponse:
+        self._check_control("RepositoryModelLoad", request.repository_name)
+        override = None
+        for key, value in request.parameters.items():
+            if key == "config":
+                if value.WhichOneof("parameter_choice") != "string_param":
+                    raise InvalidInputError(
+                        "parameter 'config' must be a string holding the model configuration "
+                        "as JSON"
+                    )
+                try:
+                    override = parse_config_json(value.string_param)
+                except ModelConfigError as error:
+                    raise InvalidInputError(f"parameter 'config': {error}") from None
+            elif key.startswith("file:"):
+                raise UnsupportedError(
+                    f"parameter '{key[:80]}': loading model files sent with the request is not "
+                    "supported; put them in the repository"
+                )
+            else:
+                raise InvalidInputError(
+                    f"unknown parameter '{key[:80]}'; RepositoryModelLoad takes 'config'"
+                )
+        await self._registry.load_model(request.model_name, override)
+        return pb.RepositoryModelLoadResponse()
+
+    @translate_errors
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: Any
+    ) -> pb.RepositoryModelUnloadResponse:
+        self._check_control("RepositoryModelUnload", request.repository_name)
+        for key in request.parameters:
+            if key != "unload_dependents":  # no ensembles here: nothing depends on a model
+                raise InvalidInputError(
+                    f"unknown parameter '{key[:80]}'; RepositoryModelUnload takes "
+                    "'unload_dependents'"
+                )
+        await self._registry.unload_model(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
     # ---------------------------------------------------------- inference ---
 
     async def _infer(
@@ -221,6 +296,20 @@ class InferenceServicer:
         self, request: pb.ModelInferRequest, received: int, time_remaining: float | None
     ) -> pb.ModelInferResponse:
         version = self._registry.resolve(request.model_name, request.model_version)
+        # Held until the answer is built: a replaced or unloaded version waits for this.
+        version.enter()
+        try:
+            return await self._infer_on(version, request, received, time_remaining)
+        finally:
+            version.leave()
+
+    async def _infer_on(
+        self,
+        version: ModelVersion,
+        request: pb.ModelInferRequest,
+        received: int,
+        time_remaining: float | None,
+    ) -> pb.ModelInferResponse:
         builder = RequestBuilder(
             version.signature,
             version.label,
