@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: serve test bench install install-test install-train models system-packages check-protocol lint typecheck pytest protocol
+.PHONY: serve test bench soak install install-test install-train models system-packages check-protocol lint typecheck pytest protocol
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -60,3 +60,8 @@ test: check-protocol lint typecheck pytest
 bench: install-test system-packages
 	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python scripts/benchmark.py $(ARGS)
+
+# Soak: ~80% of capacity for MINUTES (default 10), reporting errors, p99 drift and RSS growth.
+MINUTES ?= 10
+soak: install-test
+	$(BIN)/python scripts/soak.py --minutes $(MINUTES) $(ARGS)
