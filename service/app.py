@@ -81,6 +81,13 @@ class InferenceServer:
             ", ".join(available_providers()),
             self.registry.root,
         )
+        if self.settings.model_control_mode == "explicit" and not (
+            self.settings.admin_token or self.settings.auth_token
+        ):
+            log.warning(
+                "model control is explicit and no --admin-token is set: anyone who reaches "
+                "the gRPC port can load and unload models"
+            )
         self._loading = asyncio.create_task(self._load_models())
 
     async def wait_until_loaded(self) -> None:
@@ -96,9 +103,15 @@ class InferenceServer:
 
     def _model_changed(self, name: str) -> None:
         status = SERVING if self.registry.is_ready(name) else NOT_SERVING
-        task = asyncio.create_task(self.health.set(name, status))
+        task = asyncio.create_task(self._update_health(name, status))
         self._health_updates.add(task)
         task.add_done_callback(self._health_updates.discard)
+
+    async def _update_health(self, name: str, status: int) -> None:
+        await self.health.set(name, status)
+        if self.registry.loading_done and not self.state.draining:
+            # Strict readiness depends on every model: the whole may have changed too.
+            await self._set_overall_health(SERVING if self.state.ready else NOT_SERVING)
 
     async def _load_models(self) -> None:
         polling = self.settings.model_control_mode == "poll"

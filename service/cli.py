@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import dataclasses
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -128,7 +129,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         except FatalServerError as error:
             log.critical("exiting with status %d after a fatal runtime error: %s", EXIT_CODE, error)
-            return EXIT_CODE
+            # Not a normal return: threads stuck on a broken device would block interpreter
+            # exit (executor joins); the orchestrator needs the process gone.
+            logging.shutdown()
+            os._exit(EXIT_CODE)
     return 0
 
 

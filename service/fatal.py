@@ -33,7 +33,13 @@ _listeners: list[Callable[[str], None]] = []
 _lock = threading.Lock()
 
 
+# Out of memory is one request's problem (a batch too large), not the process's.
+NOT_FATAL_MARKERS = ("out of memory", "ALLOC_FAILED", "Failed to allocate")
+
+
 def is_fatal_message(text: str) -> bool:
+    if any(marker in text for marker in NOT_FATAL_MARKERS):
+        return False
     return any(marker in text for marker in FATAL_MARKERS)
 
 

@@ -407,21 +407,7 @@ class ModelRegistry:
         no separators, no '.'/'..', no hidden names, and the folder, symlinks
         resolved, must be inside the repository.
         """
-        if not name:
-            raise InvalidInputError("model name is empty")
-        bad = (
-            "/" in name
-            or "\\" in name
-            or "\0" in name
-            or name.startswith(".")
-            or Path(name).is_absolute()
-            or len(name) > 255
-        )
-        if bad:
-            raise InvalidInputError(
-                f"model name {name[:80]!r} is not a folder name inside the repository: no path "
-                "separators, no leading '.', at most 255 characters"
-            )
+        check_model_name(name)
         folder = self.root / name
         if not folder.is_dir():
             raise ModelNotFoundError(f"the model repository has no folder '{name}'")
@@ -435,6 +421,20 @@ class ModelRegistry:
         return self._locks.setdefault(name, asyncio.Lock())
 
     async def load_model(self, name: str, override: ConfigFile | None = None) -> None:
+        """Load `name` (see _load_model); the work finishes even if the caller goes away.
+
+        A cancelled RPC must not strand half-built sessions or versions waiting to
+        close: the registry owns the task, the caller only waits for it.
+        """
+        self.model_folder(name)
+        await asyncio.shield(asyncio.ensure_future(self._load_model(name, override)))
+
+    async def unload_model(self, name: str) -> None:
+        """Stop serving `name`; returns once its in-flight requests have finished."""
+        check_model_name(name)
+        await asyncio.shield(asyncio.ensure_future(self._unload_model(name)))
+
+    async def _load_model(self, name: str, override: ConfigFile | None = None) -> None:
         """(Re)load every selected version of `name`; swap them in only if all load.
 
         Requests keep going to the versions being replaced until the swap (one
@@ -442,7 +442,6 @@ class ModelRegistry:
         that resolved to them have finished. A failed load changes nothing and
         raises ModelLoadFailedError with each reason.
         """
-        self.model_folder(name)
         async with self._lock(name):
             record = ModelRecord(name)
             try:
@@ -478,10 +477,7 @@ class ModelRegistry:
         suffix = "; the versions loaded before keep serving" if keeps else ""
         return f"failed to load model '{name}': {reason}{suffix}"
 
-    async def unload_model(self, name: str) -> None:
-        """Stop serving `name`; returns once its in-flight requests have finished."""
-        if not name:
-            raise InvalidInputError("model name is empty")
+    async def _unload_model(self, name: str) -> None:
         async with self._lock(name):
             previous = self.records.get(name)
             if previous is None:
@@ -544,22 +540,30 @@ class ModelRegistry:
         known = dict(known)
         while True:
             await asyncio.sleep(interval)
-            current = await asyncio.to_thread(self.fingerprints)
-            for name, fingerprint in current.items():
-                if known.get(name) == fingerprint:
-                    continue
-                known[name] = fingerprint
-                log.info("repository poll: model '%s' changed on disk; loading it", name)
-                try:
-                    await self.load_model(name)
-                except ServingError as error:
-                    log.error("repository poll: %s", error.message)
-            for name in sorted(set(known) - set(current)):
-                del known[name]
-                record = self.records.get(name)
-                if record is not None and not record.unloaded:
-                    log.info("repository poll: model '%s' was removed; unloading it", name)
-                    await self.unload_model(name)
+            try:
+                await self._poll_once(known)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a folder vanishing mid-walk, say: try again next time
+                log.exception("repository poll failed; trying again in %.1fs", interval)
+
+    async def _poll_once(self, known: Fingerprints) -> None:
+        current = await asyncio.to_thread(self.fingerprints)
+        for name, fingerprint in current.items():
+            if known.get(name) == fingerprint:
+                continue
+            known[name] = fingerprint
+            log.info("repository poll: model '%s' changed on disk; loading it", name)
+            try:
+                await self.load_model(name)
+            except ServingError as error:
+                log.error("repository poll: %s", error.message)
+        for name in sorted(set(known) - set(current)):
+            del known[name]
+            record = self.records.get(name)
+            if record is not None and not record.unloaded:
+                log.info("repository poll: model '%s' was removed; unloading it", name)
+                await self.unload_model(name)
 
     # ---------------------------------------------------------- resolving ---
 
@@ -679,6 +683,25 @@ def latency_objective(config: mc.ModelConfig) -> float | None:
     if value <= 0:
         raise ModelConfigError(f"parameter 'latency_objective_ms' is {value}; expected > 0")
     return value / 1000
+
+
+def check_model_name(name: str) -> None:
+    """One plain folder name: what a client may ask to load or unload."""
+    if not name:
+        raise InvalidInputError("model name is empty")
+    bad = (
+        "/" in name
+        or "\\" in name
+        or "\0" in name
+        or name.startswith(".")
+        or Path(name).is_absolute()
+        or len(name) > 255
+    )
+    if bad:
+        raise InvalidInputError(
+            f"model name {name[:80]!r} is not a folder name inside the repository: no path "
+            "separators, no leading '.', at most 255 characters"
+        )
 
 
 def is_version_text(text: str) -> bool:

@@ -153,6 +153,11 @@ def session_options(
     options.graph_optimization_level = _GRAPH_LEVELS[level]
     for library in config.model_operations.op_library_filename:
         path = (model_dir / library).resolve()
+        if not path.is_relative_to(model_dir.resolve()):
+            raise ModelConfigError(
+                f"model_operations library '{library}' is outside the model folder; custom "
+                "operator libraries must live inside it"
+            )
         if not path.is_file():
             raise ModelConfigError(f"model_operations library '{library}' was not found")
         try:
@@ -226,7 +231,7 @@ class OnnxSession:
             log.warning("onnxruntime rejected an input: %s", error)
             raise InvalidInputError(f"the model rejected the input: {_first_line(error)}") from None
         except Exception as error:  # onnxruntime's pybind exceptions share no base class
-            if isinstance(error, MemoryError) or fatal.is_fatal_message(str(error)):
+            if fatal.is_fatal_message(str(error)):
                 fatal.report(f"onnxruntime: {_first_line(error)}")
                 raise FatalRuntimeError(
                     "the server hit a fatal runtime error and is restarting; retry the request"

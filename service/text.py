@@ -71,7 +71,15 @@ class TextInputConfig:
         if graph.input(name) is not None:
             raise ModelConfigError(f"text_input '{name}' clashes with a model input of that name")
         filename = _parameter(config, "tokenizer") or "tokenizer.json"
-        found = next((f / filename for f in folders if (f / filename).is_file()), None)
+        found = next(
+            (
+                f / filename
+                for f in folders
+                if (f / filename).resolve().is_relative_to(folders[-1].resolve())
+                and (f / filename).is_file()
+            ),
+            None,
+        )
         if found is None:
             raise ModelConfigError(f"tokenizer '{filename}' was not found in the model folder")
         length_text = _parameter(config, "max_sequence_length") or "512"

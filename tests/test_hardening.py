@@ -26,7 +26,7 @@ from tests.process import ROOT, ServerProcess
 QUEUE = 8
 BATCH = 4
 BURST = 200
-SLEEPY_STEPS = 3000
+SLEEPY_STEPS = 20000
 # What gRPC answers, by itself, for a call that reaches a server in the instant it stops.
 NOT_ADMITTED = "StatusCode.CANCELLED: CANCELLED"
 
@@ -297,3 +297,12 @@ def test_fatal_runtime_error_makes_the_process_exit_non_zero(repository: Path) -
     assert "fatal runtime error, the server will exit: onnxruntime:" in server.log
     assert "CUDA failure 700" in server.log
     assert "exiting with status 3" in server.log
+
+
+def test_out_of_memory_is_a_request_error_not_a_fatal_one() -> None:
+    from service.fatal import is_fatal_message
+
+    assert is_fatal_message("CUDA failure 700: an illegal memory access was encountered")
+    assert not is_fatal_message("CUDA failure 2: out of memory ; GPU=0")
+    assert not is_fatal_message("Failed to allocate memory for requested buffer of size 1e12")
+    assert not is_fatal_message("Invalid rank for input: x Got: 3 Expected: 2")

@@ -407,7 +407,7 @@ def test_fp16_has_no_typed_field(stub: object) -> None:
     [
         ("SystemSharedMemoryStatus", service_pb2.SystemSharedMemoryStatusRequest()),
         ("CudaSharedMemoryRegister", service_pb2.CudaSharedMemoryRegisterRequest()),
-        ("RepositoryModelLoad", service_pb2.RepositoryModelLoadRequest(model_name="add_sub")),
+        ("SystemSharedMemoryRegister", service_pb2.SystemSharedMemoryRegisterRequest()),
         ("TraceSetting", service_pb2.TraceSettingRequest()),
     ],
 )

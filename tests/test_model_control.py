@@ -251,3 +251,13 @@ def test_poll_mode_follows_the_repository(repository: Path) -> None:
         wait_for(lambda: not client.is_model_ready("gamma"), "unloaded the removed model")
         error = _error(lambda: client.load_model("alpha"))
         assert "this server runs in mode 'poll'" in error.message()
+
+
+def test_a_config_override_cannot_load_a_library_from_outside(explicit: ServerThread) -> None:
+    override = {
+        "model_operations": {"op_library_filename": ["/usr/lib/x86_64-linux-gnu/libm.so.6"]}
+    }
+    with explicit.client() as client:
+        error = _error(lambda: client.load_model("beta", config=json.dumps(override)))
+    assert error.status() == "StatusCode.FAILED_PRECONDITION"
+    assert "is outside the model folder" in error.message()

@@ -233,8 +233,7 @@ class InferenceServicer:
                 f"repository_name '{repository_name[:80]}': this server has one repository; "
                 "leave repository_name empty"
             )
-        if self._state.draining:
-            raise ServerUnavailableError("the server is shutting down")
+        self._state.check_accepting()  # not while draining, nor before start-up loading ends
 
     @translate_errors
     async def RepositoryModelLoad(
