@@ -137,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _health(arguments: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .healthcheck import ProbeTls, probe
+    from .grpc_api.health_probe import ProbeTls, probe
 
     address = arguments.address
     if address is None:

@@ -78,3 +78,24 @@ class ServerProcess:
             self.process.kill()
         self.process.wait(10)
         self._reader.join(5)
+
+
+def start_on_loopback(
+    repository: Path, *flags: str, env: dict[str, str] | None = None
+) -> ServerProcess:
+    """A server process on 127.0.0.1, port 0, metrics off, once it reports ready."""
+    server = ServerProcess(
+        "serve",
+        "--model-repository",
+        str(repository),
+        "--grpc-host",
+        "127.0.0.1",
+        "--grpc-port",
+        "0",
+        "--metrics-port",
+        "-1",
+        *flags,
+        env=env,
+    )
+    server.wait_for("server ready")
+    return server

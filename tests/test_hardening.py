@@ -21,7 +21,7 @@ from tritonclient.utils import InferenceServerException
 
 from tests import onnx_models as models
 from tests.conftest import ServerThread, serve
-from tests.process import ROOT, ServerProcess
+from tests.process import ROOT, start_on_loopback
 
 QUEUE = 8
 BATCH = 4
@@ -202,28 +202,8 @@ def test_overload_is_rejected_with_unavailable_and_the_queue_stays_bounded(
 # ----------------------------------------------------- SIGTERM, crash ---
 
 
-def _server_process(
-    repository: Path, *extra: str, env: dict[str, str] | None = None
-) -> ServerProcess:
-    process = ServerProcess(
-        "serve",
-        "--model-repository",
-        str(repository),
-        "--grpc-host",
-        "127.0.0.1",
-        "--grpc-port",
-        "0",
-        "--metrics-port",
-        "-1",
-        *extra,
-        env=env,
-    )
-    process.wait_for("server ready:")
-    return process
-
-
 def test_sigterm_under_load_fails_no_admitted_request(repository: Path) -> None:
-    server = _server_process(repository, "--access-log")
+    server = start_on_loopback(repository, "--access-log")
     port = server.grpc_port()
     outcomes: list[str] = []
     lock = threading.Lock()
@@ -281,7 +261,7 @@ def test_fatal_runtime_error_makes_the_process_exit_non_zero(repository: Path) -
         "BATCHWISE_TEST_FAULT": "cuda",
         "PYTHONPATH": os.pathsep.join([fault_folder, str(ROOT)]),
     }
-    server = _server_process(repository, env=environment)
+    server = start_on_loopback(repository, env=environment)
     try:
         with grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc_port()}") as client:
             healthy = client.infer("sleepy", _sleepy(1.0, steps=0))

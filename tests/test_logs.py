@@ -13,7 +13,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from tests import onnx_models as models
-from tests.process import ServerProcess
+from tests.process import ServerProcess, start_on_loopback
 
 
 @pytest.fixture(scope="module")
@@ -24,23 +24,6 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def start(repository: Path, *flags: str) -> ServerProcess:
-    server = ServerProcess(
-        "serve",
-        "--model-repository",
-        str(repository),
-        "--grpc-host",
-        "127.0.0.1",
-        "--grpc-port",
-        "0",
-        "--metrics-port",
-        "-1",
-        *flags,
-    )
-    server.wait_for("server ready")
-    return server
-
-
 def x(columns: int) -> list[grpcclient.InferInput]:
     tensor = grpcclient.InferInput("x", [1, columns], "FP32")
     tensor.set_data_from_numpy(np.ones((1, columns), np.float32))
@@ -49,7 +32,7 @@ def x(columns: int) -> list[grpcclient.InferInput]:
 
 @pytest.fixture(scope="module")
 def json_server(repository: Path) -> Iterator[ServerProcess]:
-    server = start(repository, "--log-format", "json", "--access-log")
+    server = start_on_loopback(repository, "--log-format", "json", "--access-log")
     yield server
     server.kill()
 
@@ -107,7 +90,7 @@ def test_a_request_id_is_generated_and_returned(json_server: ServerProcess) -> N
 
 
 def test_access_log_is_off_by_default_and_text_lines_show_ids(repository: Path) -> None:
-    server = start(repository)
+    server = start_on_loopback(repository)
     try:
         with grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc_port()}") as client:
             client.infer("scaled", x(4), headers={"x-request-id": "quiet-1"})

@@ -25,7 +25,7 @@ from tritonclient.utils import InferenceServerException
 from service.settings import Settings
 from tests import onnx_models as models
 from tests.conftest import ServerThread, serve
-from tests.process import ROOT, ServerProcess
+from tests.process import ROOT, start_on_loopback
 
 INFERENCE_TOKEN = "inference-token-0123456789abcdef"
 ADMIN_TOKEN = "admin-token-fedcba9876543210xyz"
@@ -297,23 +297,14 @@ def test_management_needs_the_admin_token(token_server: ServerThread) -> None:
 def test_tokens_never_reach_the_log_or_the_settings_repr(repository: Path) -> None:
     settings = Settings(model_repository=repository, auth_token=INFERENCE_TOKEN)
     assert INFERENCE_TOKEN not in repr(settings)
-    server = ServerProcess(
-        "serve",
-        "--model-repository",
-        str(repository),
-        "--grpc-host",
-        "127.0.0.1",
-        "--grpc-port",
-        "0",
-        "--metrics-port",
-        "-1",
+    server = start_on_loopback(
+        repository,
         "--log-level",
         "DEBUG",
         "--access-log",
         env={"BATCHWISE_AUTH_TOKEN": INFERENCE_TOKEN, "BATCHWISE_ADMIN_TOKEN": ADMIN_TOKEN},
     )
     try:
-        server.wait_for("server ready:")
         with grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc_port()}") as client:
             _double(client, headers=_bearer(INFERENCE_TOKEN))
             with pytest.raises(InferenceServerException):
