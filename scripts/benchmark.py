@@ -272,7 +272,9 @@ def measure_raw_one_by_one(onnx: Path, lengths: list[int]) -> Raw:
 class Server:
     """`python -m service serve` on the benchmark repository, ports read from its log."""
 
-    def __init__(self, repository: Path, metrics: bool = True) -> None:
+    def __init__(
+        self, repository: Path, metrics: bool = True, extra: list[str] | None = None
+    ) -> None:
         self.process = subprocess.Popen(
             [
                 sys.executable,
@@ -289,6 +291,7 @@ class Server:
                 "127.0.0.1",
                 "--metrics-port",
                 "0" if metrics else "-1",
+                *(extra or []),
             ],
             cwd=ROOT,
             stdout=subprocess.PIPE,
@@ -395,15 +398,18 @@ def input_maker(name: str, lengths: list[int] | None) -> Any:
 
 
 def perf_analyzer(url: str, model: str, concurrency: int, seconds: float) -> Point | None:
-    binary = Path(sys.executable).parent / "perf_analyzer"
+    binary = Path(os.environ.get("PERF_ANALYZER", Path(sys.executable).parent / "perf_analyzer"))
     if not binary.exists():
         return None
-    import nvidia.cuda_runtime
+    # perf_analyzer links libcudart.so.12 even without a GPU: the PyPI runtime carries it.
+    library_path = [p for p in os.environ.get("LD_LIBRARY_PATH", "").split(":") if p]
+    try:
+        import nvidia.cuda_runtime
 
-    environment = {
-        **os.environ,
-        "LD_LIBRARY_PATH": str(Path(next(iter(nvidia.cuda_runtime.__path__))) / "lib"),
-    }
+        library_path.append(str(Path(next(iter(nvidia.cuda_runtime.__path__))) / "lib"))
+    except ImportError:
+        pass
+    environment = {**os.environ, "LD_LIBRARY_PATH": ":".join(library_path)}
     base = model.replace("_single", "")
     with tempfile.TemporaryDirectory() as scratch:
         report = Path(scratch) / "report.csv"

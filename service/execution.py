@@ -10,6 +10,8 @@ against the configuration and encodes the result.
 
 from __future__ import annotations
 
+import itertools
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,8 +34,14 @@ class BatchOutcome:
 
 
 class ModelRunner:
-    def __init__(self, session: OnnxSession, signature: ModelSignature, label: str) -> None:
-        self._session = session
+    def __init__(
+        self, sessions: Sequence[OnnxSession], signature: ModelSignature, label: str
+    ) -> None:
+        # One session per device; each instance thread keeps the one it was dealt first,
+        # so instances spread evenly over the devices (Triton's count per GPU).
+        self._sessions = list(sessions)
+        self._dealt = itertools.count()
+        self._local = threading.local()
         self._signature = signature
         self._label = label
         # For each padded symbol (e.g. "sequence"), the outputs' axes that follow it.
@@ -59,7 +67,8 @@ class ModelRunner:
         timings.compute_input_ns = ready - started
         timings.executed = True
         try:
-            produced = dict(zip(output_names, self._session.run(feeds, output_names), strict=True))
+            session = self._session()
+            produced = dict(zip(output_names, session.run(feeds, output_names), strict=True))
         finally:
             timings.compute_infer_ns = time.perf_counter_ns() - ready
         ran = time.perf_counter_ns()
@@ -74,6 +83,13 @@ class ModelRunner:
             offset += request.batch_size
         timings.compute_output_ns = time.perf_counter_ns() - ran
         return outcome
+
+    def _session(self) -> OnnxSession:
+        session: OnnxSession | None = getattr(self._local, "session", None)
+        if session is None:
+            session = self._sessions[next(self._dealt) % len(self._sessions)]
+            self._local.session = session
+        return session
 
     # ------------------------------------------------------------- inputs ---
 

@@ -7,7 +7,9 @@ is logged above DEBUG: a CPU-only server exports no GPU metrics and no errors.
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -75,3 +77,42 @@ class GpuMonitor:
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def visible_gpu_count(environ: dict[str, str] | None = None) -> int | None:
+    """How many GPUs CUDA will show this process; None when nothing can tell.
+
+    CUDA_VISIBLE_DEVICES wins (NVML ignores it); otherwise NVML's device count.
+    """
+    environ = dict(os.environ) if environ is None else environ
+    visible = environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        entries = [entry.strip() for entry in visible.split(",")]
+        count = 0
+        for entry in entries:
+            # CUDA stops at the first invalid entry ("-1" is the usual way to hide all).
+            if not entry or entry.startswith("-"):
+                break
+            count += 1
+        return count
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return int(pynvml.nvmlDeviceGetCount())
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no module, no driver: unknown, onnxruntime will tell at load
+        return None
+
+
+def tensorrt_libraries_present() -> bool:
+    """Whether TensorRT's runtime library loads; onnxruntime lists its provider regardless."""
+    for name in ("libnvinfer.so.10", "libnvinfer.so"):
+        try:
+            ctypes.CDLL(name)
+            return True
+        except OSError:
+            continue
+    return False

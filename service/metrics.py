@@ -91,6 +91,14 @@ FAMILIES: dict[str, tuple[str, str]] = {
         "whose configuration failed)",
     ),
     "batchwise_model_load_duration_seconds": ("gauge", "How long the version took to load"),
+    "batchwise_model_warmup_duration_seconds": (
+        "gauge",
+        "How long the version's warm-up at load took (absent when it was not warmed up)",
+    ),
+    "batchwise_model_execution_info": (
+        "gauge",
+        "1 per device a model version runs on, labelled with onnxruntime's execution provider",
+    ),
     "batchwise_latency_objective_seconds": (
         "gauge",
         "The p99 latency objective from the model's latency_objective_ms parameter",
@@ -194,6 +202,8 @@ class ModelCollector(Collector):
             return [*LABELS, "code"]
         if name == "nv_inference_request_failure":
             return [*LABELS, "reason"]
+        if name == "batchwise_model_execution_info":
+            return [*LABELS, "provider", "device"]
         if "_gpu_" in name:
             return ["gpu_uuid"] if name.startswith("nv_") else ["gpu", "uuid"]
         return LABELS
@@ -229,6 +239,10 @@ class ModelCollector(Collector):
             add("batchwise_queue_capacity", capacity)
         add("batchwise_requests_in_flight", snapshot.in_flight)
         add("batchwise_model_load_duration_seconds", version.load_seconds)
+        if version.warmup is not None:
+            add("batchwise_model_warmup_duration_seconds", version.warmup.seconds)
+        for device in version.devices:
+            add("batchwise_model_execution_info", 1.0, [version.provider, device])
         if version.latency_objective_seconds is not None:
             add("batchwise_latency_objective_seconds", version.latency_objective_seconds)
 

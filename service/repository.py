@@ -28,6 +28,7 @@ from .errors import (
     Status,
 )
 from .execution import ModelRunner
+from .gpu import tensorrt_libraries_present, visible_gpu_count
 from .inference import InferenceRequest, InferenceResult
 from .model_config import (
     ConfigFile,
@@ -39,11 +40,14 @@ from .model_config import (
     read_config,
     validate_config,
 )
+from .placement import CUDA, GpuDefaults, plan_placement
 from .protocol import model_config_pb2 as mc
-from .runtime import CUDA, OnnxSession, available_providers, plan_placement, session_options
+from .runtime import OnnxSession, available_providers, session_options
 from .settings import Settings
 from .statistics import ModelStats
 from .text import TextEncoder, TextInputConfig, with_text_input
+from .warmup import WarmupReport, warm_up
+from .warmup import wanted as warmup_wanted
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +74,7 @@ class ModelVersion:
         version: int,
         config: mc.ModelConfig,
         signature: ModelSignature,
-        session: OnnxSession,
+        sessions: Sequence[OnnxSession],
         policy: BatchingPolicy,
         instance_count: int,
         text_encoder: TextEncoder | None = None,
@@ -81,7 +85,11 @@ class ModelVersion:
         self.version = version
         self.config = config
         self.signature = signature
-        self.session = session
+        self.sessions = tuple(sessions)
+        # What runs it, as the log, ModelConfig parameters and metrics report it.
+        self.provider = self.sessions[0].provider
+        self.devices = tuple(session.device for session in self.sessions)
+        self.warmup: WarmupReport | None = None
         self.label = f"model '{name}' version {version}"
         # Requests that resolved to this version and are not finished with it yet;
         # a version replaced or unloaded is closed only once this is back to 0.
@@ -92,7 +100,7 @@ class ModelVersion:
         self.load_seconds = 0.0
         self.latency_objective_seconds = latency_objective(config)
         self.scheduler = Scheduler(
-            ModelRunner(session, signature, self.label),
+            ModelRunner(self.sessions, signature, self.label),
             signature,
             policy,
             instance_count,
@@ -335,14 +343,20 @@ class ModelRegistry:
         target.state = VersionState.READY
         loaded = target.loaded
         loaded.load_seconds = time.perf_counter() - started
+        warmed = (
+            f"; warm-up {loaded.warmup.runs} shapes in {loaded.warmup.seconds:.2f}s"
+            if loaded.warmup is not None
+            else ""
+        )
         log.info(
-            "loaded model '%s' version %d in %.2fs on %s (%s), max_batch_size %d; %s",
+            "loaded model '%s' version %d in %.2fs on %s (%s), max_batch_size %d%s; %s",
             loaded.name,
             loaded.version,
-            time.perf_counter() - started,
-            loaded.session.device,
-            loaded.session.provider,
+            loaded.load_seconds,
+            ", ".join(loaded.devices),
+            loaded.provider,
             loaded.signature.max_batch_size,
+            warmed,
             describe_signature(loaded.signature),
         )
 
@@ -361,11 +375,32 @@ class ModelRegistry:
                 "'..' in default_model_filename); models must live inside it"
             )
         providers = available_providers()
-        gpu_available = CUDA in providers
+        gpu_count = visible_gpu_count()
+        gpu_available = CUDA in providers and gpu_count != 0
         normalized = normalize_config(config_file, name, gpu_available)
-        placement = plan_placement(normalized, providers)
+        gpu_defaults = GpuDefaults.from_settings(self._settings)
+        placement = plan_placement(
+            normalized,
+            providers,
+            gpu_count,
+            gpu_defaults,
+            tensorrt_libraries_present(),
+            model_dir,
+        )
         options = session_options(normalized, model_dir, self._settings.onnxruntime_spinning)
-        session = OnnxSession(model_path, options, placement)
+        sessions = [
+            OnnxSession(
+                model_path,
+                options,
+                device,
+                io_binding=self._settings.cuda_io_binding,
+                fallback_to_cpu=gpu_defaults.fallback_to_cpu,
+            )
+            for device in placement.devices
+        ]
+        session = sessions[0]
+        for note in (*placement.notes, *(n for s in sessions for n in s.notes)):
+            log.warning("model '%s' version %d: %s", name, version, note)
         if self._settings.auto_complete_config:
             config = complete_config(
                 config_file,
@@ -382,18 +417,29 @@ class ModelRegistry:
         if text is not None:
             encoder = TextEncoder(text)
             config, signature = with_text_input(config, signature, text, encoder.pad_id)
+        _report_placement(config, sessions)
         policy = BatchingPolicy.from_config(config, self._settings.default_max_queue_size)
-        return ModelVersion(
+        loaded = ModelVersion(
             name,
             version,
             config,
             signature,
-            session,
+            sessions,
             policy,
-            placement.instance_count,
+            placement.instances_per_device * len(sessions),
             encoder,
             histograms=self._settings.metrics_port >= 0,
         )
+        if warmup_wanted(self._settings.warmup, config, session.on_gpu):
+            label = f"model '{name}' version {version}"
+            reports = [warm_up(each, config, label) for each in sessions]
+            loaded.warmup = WarmupReport(
+                sum(r.runs for r in reports),
+                sum(r.seconds for r in reports),
+                tuple(shape for r in reports for shape in r.shapes),
+                next((r.failure for r in reports if r.failure), None),
+            )
+        return loaded
 
     # ------------------------------------------------------ model control ---
 
@@ -663,6 +709,18 @@ class ModelRegistry:
     def join(self, timeout: float) -> None:
         for version in self.loaded_versions():
             version.join(timeout)
+
+
+def _report_placement(config: mc.ModelConfig, sessions: Sequence[OnnxSession]) -> None:
+    """ModelConfig parameters that say what runs the model (Triton has no field for it)."""
+    if not sessions[0].on_gpu:
+        # --gpu-fallback-to-cpu: the configuration reports where the model really runs.
+        for group in config.instance_group:
+            if group.kind == mc.ModelInstanceGroup.KIND_GPU:
+                group.kind = mc.ModelInstanceGroup.KIND_CPU
+                del group.gpus[:]
+    config.parameters["execution_provider"].string_value = sessions[0].provider
+    config.parameters["execution_devices"].string_value = ",".join(s.device for s in sessions)
 
 
 def latency_objective(config: mc.ModelConfig) -> float | None:

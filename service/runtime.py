@@ -1,9 +1,10 @@
 """onnxruntime sessions: placement, session options from config, and execution.
 
 This is the only module that imports onnxruntime. Sessions are created once
-per model version and run from worker threads: onnxruntime releases the GIL
-inside `run()` and allows concurrent runs on one session, so one session serves
-every instance of a model version.
+per model version and device and run from worker threads: onnxruntime releases
+the GIL inside `run()` and allows concurrent runs on one session, so one
+session serves every instance of a model version on its device. GPU sessions
+run through IOBinding.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from __future__ import annotations
 import ctypes
 import logging
 import re
+import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import numpy as np
 from . import fatal
 from .errors import FatalRuntimeError, InvalidInputError, ModelExecutionError, ModelLoadError
 from .model_config import GraphSignature, GraphTensor, ModelConfigError
+from .placement import CPU, CUDA, TENSORRT, Device
 from .protocol import model_config_pb2 as mc
 
 log = logging.getLogger(__name__)
@@ -38,8 +40,6 @@ from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state  # noqa: E
 # Raised by onnxruntime's checks of the feeds (names, types, ranks, fixed dims).
 _ORT_INPUT_ERRORS = (_ort_state.InvalidArgument,)
 
-CPU = "CPUExecutionProvider"
-CUDA = "CUDAExecutionProvider"
 
 # Triton's onnxruntime backend numbers graph optimization levels this way.
 _GRAPH_LEVELS = {
@@ -52,43 +52,38 @@ _INT_PARAMETERS = ("intra_op_thread_count", "inter_op_thread_count", "execution_
 _BOOL_PARAMETERS = ("enable_mem_arena", "enable_mem_pattern", "allow_spinning")
 
 
+_cuda_libraries = threading.Lock()
+_cuda_libraries_loaded = False
+
+
+def load_cuda_libraries() -> None:
+    """Load CUDA and cuDNN from pip's nvidia-* packages before the first CUDA session.
+
+    onnxruntime-gpu installed with its `cuda`/`cudnn` extras finds those libraries only
+    when they are loaded first (`preload_dlls`); in a CUDA base image they are on the
+    default path and this changes nothing. Failure is left to session creation, which
+    then reports that CUDA did not start.
+    """
+    global _cuda_libraries_loaded
+    with _cuda_libraries:
+        if _cuda_libraries_loaded:
+            return
+        _cuda_libraries_loaded = True
+        preload = getattr(ort, "preload_dlls", None)
+        if preload is None:
+            return
+        try:
+            preload(directory="")
+        except Exception as error:  # missing packages are not an error by themselves
+            log.debug("onnxruntime.preload_dlls: %s", error)
+
+
 def available_providers() -> list[str]:
     return list(ort.get_available_providers())
 
 
 def runtime_version() -> str:
     return str(ort.__version__)
-
-
-@dataclass(frozen=True)
-class Placement:
-    """Where a model version's instances run and how many run at once."""
-
-    providers: tuple[Any, ...]
-    device: str
-    instance_count: int
-
-
-def plan_placement(config: mc.ModelConfig, available: Sequence[str]) -> Placement:
-    """Choose execution providers from instance_group, failing clearly where impossible."""
-    kinds = {group.kind for group in config.instance_group}
-    if len(kinds) > 1:
-        raise ModelConfigError("instance groups of different kinds in one model are not supported")
-    kind = kinds.pop() if kinds else mc.ModelInstanceGroup.KIND_AUTO
-    count = sum(group.count for group in config.instance_group) or 1
-    gpus = [gpu for group in config.instance_group for gpu in group.gpus]
-    if kind == mc.ModelInstanceGroup.KIND_CPU:
-        return Placement((CPU,), "CPU", count)
-    if CUDA in available:
-        device_id = gpus[0] if gpus else 0
-        return Placement(((CUDA, {"device_id": device_id}), CPU), f"GPU {device_id}", count)
-    if kind == mc.ModelInstanceGroup.KIND_GPU:
-        raise ModelLoadError(
-            "instance_group asks for KIND_GPU but onnxruntime offers only "
-            f"[{', '.join(available)}]; install the 'gpu' extra on a machine with an NVIDIA GPU, "
-            "or set kind: KIND_CPU"
-        )
-    return Placement((CPU,), "CPU", count)
 
 
 def _parameter(config: mc.ModelConfig, key: str) -> str | None:
@@ -191,18 +186,33 @@ def _graph_tensor(arg: Any) -> GraphTensor:
 class OnnxSession:
     """One onnxruntime session and the knowledge of how to feed it."""
 
-    def __init__(self, model_path: Path, options: ort.SessionOptions, placement: Placement) -> None:
-        try:
-            self._session = ort.InferenceSession(
-                str(model_path), sess_options=options, providers=list(placement.providers)
+    def __init__(
+        self,
+        model_path: Path,
+        options: ort.SessionOptions,
+        device: Device,
+        io_binding: bool = True,
+        fallback_to_cpu: bool = False,
+    ) -> None:
+        self.notes: list[str] = []
+        if device.gpu is not None:
+            load_cuda_libraries()
+        self._session = self._create(model_path, options, device.providers)
+        in_use = self._session.get_providers()
+        if device.gpu is not None and not {CUDA, TENSORRT} & set(in_use):
+            # onnxruntime drops a provider it cannot start (no driver, missing CUDA or
+            # cuDNN libraries) and carries on with the CPU: say so instead.
+            problem = (
+                f"onnxruntime could not start CUDA on {device.label} (providers in use: "
+                f"[{', '.join(in_use)}]); check the NVIDIA driver and the CUDA/cuDNN libraries"
             )
-        except Exception as error:  # onnxruntime raises several unrelated types here
-            first_line = (
-                str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            )
-            raise ModelLoadError(
-                f"onnxruntime could not load {model_path.name}: {first_line}"
-            ) from None
+            if not fallback_to_cpu:
+                raise ModelLoadError(problem + ", or allow --gpu-fallback-to-cpu")
+            self.notes.append(problem + ": running on CPU (--gpu-fallback-to-cpu)")
+            device = Device("CPU", None, ((CPU, {}),))
+            self._session = self._create(model_path, options, device.providers)
+        elif device.wanted == TENSORRT and TENSORRT not in in_use:
+            self.notes.append(f"TensorRT did not start on {device.label}: running on CUDA")
         self.graph = GraphSignature(
             inputs=tuple(_graph_tensor(arg) for arg in self._session.get_inputs()),
             outputs=tuple(_graph_tensor(arg) for arg in self._session.get_outputs()),
@@ -211,7 +221,8 @@ class OnnxSession:
             ),
         )
         self.provider = self._session.get_providers()[0]
-        self.device = placement.device
+        self.device = device.label
+        self.on_gpu = self.provider in (CUDA, TENSORRT)
         all_tensors = (*self.graph.inputs, *self.graph.outputs, *self.graph.overridable)
         self._bf16 = {t.name for t in all_tensors if t.ort_type == "tensor(bfloat16)"}
         if self._bf16 and any(t.ort_type == "tensor(string)" for t in all_tensors):
@@ -219,10 +230,33 @@ class OnnxSession:
                 "models that mix BF16 and string tensors are not supported by onnxruntime's "
                 "Python API"
             )
+        # IOBinding: each input is copied to the device once and each output back once,
+        # into memory onnxruntime allocates; strings never leave the CPU.
+        self._bind = (
+            io_binding
+            and self.on_gpu
+            and not self._bf16
+            and not any(t.ort_type == "tensor(string)" for t in all_tensors)
+        )
+
+    @staticmethod
+    def _create(
+        model_path: Path, options: ort.SessionOptions, providers: tuple[Any, ...]
+    ) -> ort.InferenceSession:
+        try:
+            return ort.InferenceSession(
+                str(model_path), sess_options=options, providers=list(providers)
+            )
+        except Exception as error:  # onnxruntime raises several unrelated types here
+            raise ModelLoadError(
+                f"onnxruntime could not load {model_path.name}: {_first_line(error)}"
+            ) from None
 
     def run(self, feeds: Mapping[str, np.ndarray], output_names: Sequence[str]) -> list[np.ndarray]:
         """Run the model. BF16 tensors are carried as uint16 bit patterns both ways."""
         try:
+            if self._bind:
+                return self._run_bound(feeds, output_names)
             if not self._bf16:
                 return list(self._session.run(list(output_names), dict(feeds)))
             return self._run_with_bf16(feeds, output_names)
@@ -240,6 +274,17 @@ class OnnxSession:
             raise ModelExecutionError(
                 f"onnxruntime failed to execute the model: {_first_line(error)}"
             ) from None
+
+    def _run_bound(
+        self, feeds: Mapping[str, np.ndarray], output_names: Sequence[str]
+    ) -> list[np.ndarray]:
+        binding = self._session.io_binding()
+        for name, array in feeds.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(array))
+        for name in output_names:
+            binding.bind_output(name, "cpu")
+        self._session.run_with_iobinding(binding)
+        return list(binding.copy_outputs_to_cpu())
 
     def _run_with_bf16(
         self, feeds: Mapping[str, np.ndarray], output_names: Sequence[str]

@@ -20,6 +20,9 @@ INT32_MAX = 2**31 - 1
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("text", "json")
 CONTROL_MODES = ("none", "explicit", "poll")
+WARMUP_MODES = ("off", "gpu", "all")
+CONV_ALGO_SEARCHES = ("HEURISTIC", "EXHAUSTIVE", "DEFAULT")
+ARENA_STRATEGIES = ("kSameAsRequested", "kNextPowerOfTwo")
 
 
 def _setting(
@@ -140,6 +143,40 @@ class Settings:
         "at once with UNAVAILABLE before their tensors are decoded; 0 = no limit",
         low=0,
         high=INT32_MAX,
+    )
+    gpu_fallback_to_cpu: bool = _setting(
+        False,
+        "load a model that asks for KIND_GPU on the CPU, with a warning, when CUDA is "
+        "unavailable (default: its load fails and says why)",
+    )
+    cuda_conv_algo_search: str = _setting(
+        "HEURISTIC",
+        "cuDNN convolution algorithm search: HEURISTIC (cheap per new shape), EXHAUSTIVE "
+        "(benchmarks every new input shape: slow first requests), DEFAULT",
+        choices=CONV_ALGO_SEARCHES,
+    )
+    cuda_memory_limit_bytes: int = _setting(
+        0,
+        "bound of each GPU session's memory arena in bytes; 0 = no bound",
+        low=0,
+        high=2**62,
+    )
+    cuda_arena_extend_strategy: str = _setting(
+        "kSameAsRequested",
+        "how the GPU memory arena grows: kSameAsRequested (only what is needed) or "
+        "kNextPowerOfTwo (onnxruntime's default; fewer, larger steps)",
+        choices=ARENA_STRATEGIES,
+    )
+    cuda_io_binding: bool = _setting(
+        True,
+        "run GPU sessions through IOBinding: each input copied to the device once, "
+        "each output back once",
+    )
+    warmup: str = _setting(
+        "gpu",
+        "run the batch sizes (and sequence lengths) the batcher will form at load: off, "
+        "gpu (models on a GPU), all; a model's 'warmup' parameter overrides",
+        choices=WARMUP_MODES,
     )
     grpc_tls_cert: Path = _setting(
         None, "PEM certificate (chain) the gRPC server presents; with --grpc-tls-key turns TLS on"

@@ -22,6 +22,7 @@ CONFIG = """
 max_batch_size: 8
 dynamic_batching { default_queue_policy { max_queue_size: 1 } }
 parameters { key: "latency_objective_ms" value: { string_value: "250" } }
+parameters { key: "warmup" value: { string_value: "true" } }
 """
 
 

@@ -1,0 +1,129 @@
+"""Warm-up at load: run the shapes the batcher will form before the first request.
+
+On a GPU the first run at a new input shape pays for cuDNN algorithm
+selection, kernel loading and memory-arena growth; without warm-up a client's
+first request at batch 7 is the one that pays. The dynamic batcher forms any
+batch size up to max_batch_size, and variable-length inputs are padded to the
+longest in the batch, so warm-up covers every batch size up to 32, the powers
+of two, the preferred sizes and max_batch_size, each at sequence lengths in
+powers of two up to the model's max_sequence_length. Largest first, so the
+memory arena grows once to its peak instead of step by step.
+
+Warm-up feeds the session directly (model-shaped tensors: zeros for integers,
+which are valid token ids and indices; seeded random values for floats).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import ServingError
+from .model_config import GraphSignature
+from .protocol import model_config_pb2 as mc
+from .runtime import OnnxSession
+
+log = logging.getLogger(__name__)
+
+_ALL_SIZES_UP_TO = 32
+_DEFAULT_LONGEST = 128
+_SHORTEST_BUCKET = 8
+
+
+@dataclass(frozen=True)
+class WarmupReport:
+    runs: int
+    seconds: float
+    shapes: tuple[tuple[int | None, int | None], ...]  # (rows, length) pairs that ran
+    failure: str | None = None  # why warm-up stopped early
+
+
+def wanted(mode: str, config: mc.ModelConfig, on_gpu: bool) -> bool:
+    """The server's --warmup mode, unless the model's `warmup` parameter says otherwise."""
+    if "warmup" in config.parameters:
+        return config.parameters["warmup"].string_value.strip().lower() in ("1", "true", "on")
+    return mode == "all" or (mode == "gpu" and on_gpu)
+
+
+def batch_sizes(config: mc.ModelConfig) -> list[int | None]:
+    """Every size the batcher may form that is worth a run, largest first."""
+    largest = config.max_batch_size
+    if largest <= 0:
+        return [None]
+    sizes = set(range(1, min(largest, _ALL_SIZES_UP_TO) + 1))
+    power = 1
+    while power <= largest:
+        sizes.add(power)
+        power *= 2
+    sizes.update(s for s in config.dynamic_batching.preferred_batch_size if 0 < s <= largest)
+    sizes.add(largest)
+    ordered: list[int | None] = [*sorted(sizes, reverse=True)]
+    return ordered
+
+
+def sequence_lengths(config: mc.ModelConfig, graph: GraphSignature) -> list[int | None]:
+    """Length buckets for dynamic non-batch dims, largest first; [None] when there are none."""
+    skip = 1 if config.max_batch_size > 0 else 0
+    if not any(d is None for tensor in graph.inputs for d in tensor.shape[skip:]):
+        return [None]
+    longest = _DEFAULT_LONGEST
+    if "max_sequence_length" in config.parameters:
+        text = config.parameters["max_sequence_length"].string_value.strip()
+        if text.isdigit() and int(text) > 0:
+            longest = int(text)
+    lengths = {longest}
+    bucket = _SHORTEST_BUCKET
+    while bucket < longest:
+        lengths.add(bucket)
+        bucket *= 2
+    ordered: list[int | None] = [*sorted(lengths, reverse=True)]
+    return ordered
+
+
+def feeds_for(
+    graph: GraphSignature, batching: bool, rows: int | None, length: int | None
+) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    feeds: dict[str, np.ndarray] = {}
+    for tensor in graph.inputs:
+        shape: list[int] = []
+        for axis, dim in enumerate(tensor.shape):
+            if axis == 0 and batching:
+                shape.append(rows or 1)
+            elif dim is None:
+                shape.append(length or 1)
+            else:
+                shape.append(dim)
+        datatype = tensor.datatype
+        if datatype is None:
+            raise ValueError(f"input '{tensor.name}' has type {tensor.ort_type}")
+        dtype = datatype.numpy_dtype
+        if dtype.kind == "f":
+            feeds[tensor.name] = rng.random(shape).astype(dtype)
+        elif dtype.kind == "O":
+            feeds[tensor.name] = np.full(shape, "", dtype=object)
+        else:
+            feeds[tensor.name] = np.zeros(shape, dtype=dtype)
+    return feeds
+
+
+def warm_up(session: OnnxSession, config: mc.ModelConfig, label: str) -> WarmupReport:
+    """Run every planned shape once; a failing shape stops warm-up, never the load."""
+    graph = session.graph
+    batching = config.max_batch_size > 0
+    outputs = [tensor.name for tensor in graph.outputs]
+    started = time.perf_counter()
+    done: list[tuple[int | None, int | None]] = []
+    for rows in batch_sizes(config):
+        for length in sequence_lengths(config, graph):
+            try:
+                session.run(feeds_for(graph, batching, rows, length), outputs)
+            except (ServingError, ValueError) as error:
+                failure = f"batch {rows}, length {length}: {error}"
+                log.warning("%s: warm-up stopped at %s", label, failure)
+                return WarmupReport(len(done), time.perf_counter() - started, tuple(done), failure)
+            done.append((rows, length))
+    return WarmupReport(len(done), time.perf_counter() - started, tuple(done))
