@@ -248,6 +248,12 @@ def main() -> int:
     if options.device == "cpu":
         DEVICE.update(kind="KIND_CPU", provider="CPUExecutionProvider")
 
+    for name in list(options.models):
+        try:
+            onnx_path(name)
+        except Exception as error:  # e.g. no torch to export ResNet-18: measure the rest
+            print(f"skipping {name}: {error}", file=sys.stderr)
+            options.models.remove(name)
     raws = {name: RawCuda(name, onnx_path(name)) for name in options.models}
     sweeps = {name: raws[name].sweep(options.seconds / 4) for name in options.models}
     preferred = {}

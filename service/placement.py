@@ -206,6 +206,9 @@ def cuda_options(gpu: int, parameters: Mapping[str, str], defaults: GpuDefaults)
         "arena_extend_strategy": defaults.arena_extend_strategy,
         "do_copy_in_default_stream": "1",
         "cudnn_conv_use_max_workspace": "1",
+        # onnxruntime's default is TF32 matrix units on Ampere and newer: ~1e-3 relative
+        # error on FP32 models. Served results should match the CPU; a model opts in.
+        "use_tf32": "0",
     }
     if defaults.memory_limit_bytes:
         options["gpu_mem_limit"] = str(defaults.memory_limit_bytes)

@@ -87,6 +87,7 @@ def test_gpu_kind_builds_a_cuda_chain_with_serving_defaults() -> None:
     assert cuda["cudnn_conv_algo_search"] == "HEURISTIC"
     assert cuda["arena_extend_strategy"] == "kSameAsRequested"
     assert "gpu_mem_limit" not in cuda
+    assert cuda["use_tf32"] == "0"  # served FP32 results match the CPU unless a model opts in
     assert placement.instance_count == 2 and placement.on_gpu
 
 
