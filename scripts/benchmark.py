@@ -273,13 +273,16 @@ class Server:
     """`python -m service serve` on the benchmark repository, ports read from its log."""
 
     def __init__(
-        self, repository: Path, metrics: bool = True, extra: list[str] | None = None
+        self,
+        repository: Path,
+        metrics: bool = True,
+        extra: list[str] | None = None,
+        entry: list[str] | None = None,
     ) -> None:
         self.process = subprocess.Popen(
             [
                 sys.executable,
-                "-m",
-                "service",
+                *(entry or ["-m", "service"]),
                 "serve",
                 "--model-repository",
                 str(repository),
@@ -417,6 +420,8 @@ def perf_analyzer(url: str, model: str, concurrency: int, seconds: float) -> Poi
             str(binary),
             "-m",
             model,
+            "-x",  # every benchmark model is version 1; a server that answers without
+            "1",  # counting (grpc_ceiling.py) leaves perf_analyzer nothing to infer it from
             "-u",
             url,
             "-i",

@@ -9,6 +9,9 @@ For each model, in one run on one machine:
   * the server (`python -m service serve`, KIND_GPU, dynamic batching) driven by
     perf_analyzer (or the Python client when perf_analyzer cannot run) at each
     concurrency: throughput, p50, p99;
+  * the transport's ceiling: the same server with the inference work taken out
+    (scripts/grpc_ceiling.py answers each request with a cached response of
+    the real size), with the same client and concurrency;
   * the first request at batch sizes the server has not run yet, with warm-up
     off and on, against the same request repeated (the first-request penalty).
 It prints a table with the ratios the GPU issue sets as targets (server at high
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import statistics
 import sys
@@ -69,6 +73,8 @@ class Row:
     p50_ms: float
     p99_ms: float
     mean_batch: float
+    ceiling: float
+    ceiling_p99_ms: float
 
     @property
     def of_best(self) -> float:
@@ -77,6 +83,10 @@ class Row:
     @property
     def over_batch1(self) -> float:
         return self.server / self.raw_batch1
+
+    @property
+    def of_ceiling(self) -> float:
+        return self.server / self.ceiling
 
 
 def onnx_path(name: str) -> Path:
@@ -243,6 +253,13 @@ def main() -> int:
         help="cpu: run the same flow on the CPU provider (a dry run where there is no GPU)",
     )
     parser.add_argument("--raw-sizes", nargs="+", type=int, default=SIZES)
+    parser.add_argument(
+        "--server-args",
+        default="",
+        help="extra server flags, one string (e.g. '--switch-interval-ms 0.5'), given to the "
+        "measured server and to the transport ceiling alike",
+    )
+    parser.add_argument("--skip-first-request", action="store_true")
     options = parser.parse_args()
     SIZES[:] = sorted(set(options.raw_sizes) | {1})
     if options.device == "cpu":
@@ -266,20 +283,40 @@ def main() -> int:
     rows: list[Row] = []
     with tempfile.TemporaryDirectory() as scratch:
         repository = write_repository(Path(scratch), options.models, preferred)
-        server = benchmark.Server(repository)
+        server_args = shlex.split(options.server_args)
+        server = benchmark.Server(repository, extra=server_args)
+        ceiling = benchmark.Server(
+            repository,
+            metrics=False,
+            extra=["--warmup", "off", *server_args],
+            entry=[str(ROOT / "scripts" / "grpc_ceiling.py")],
+        )
         try:
             require_ready(server, options.models)
+            require_ready(ceiling, options.models)
             for name in options.models:
                 best_batch = preferred[name] or max(sweeps[name], key=lambda s: sweeps[name][s])
                 for concurrency in options.concurrency:
                     samples: dict[str, list[float]] = {
-                        k: [] for k in ("b1", "best", "p99b1", "server", "p50", "p99", "batch")
+                        k: []
+                        for k in (
+                            "b1",
+                            "best",
+                            "p99b1",
+                            "server",
+                            "p50",
+                            "p99",
+                            "batch",
+                            "top",
+                            "p99top",
+                        )
                     }
                     client = "python"
                     for _ in range(options.repeats):
                         rate1, p99_1 = raws[name].rate(1, options.seconds / 2)
                         best_rate, _ = raws[name].rate(best_batch, options.seconds / 2)
                         point, client = serve_load(server, name, concurrency, options.seconds)
+                        top, _ = serve_load(ceiling, name, concurrency, options.seconds)
                         for key, value in (
                             ("b1", rate1),
                             ("best", best_rate),
@@ -288,6 +325,8 @@ def main() -> int:
                             ("p50", point.p50_ms),
                             ("p99", point.p99_ms),
                             ("batch", point.mean_batch),
+                            ("top", top.throughput),
+                            ("p99top", top.p99_ms),
                         ):
                             samples[key].append(value)
                     med = {k: statistics.median(v) for k, v in samples.items()}
@@ -303,43 +342,54 @@ def main() -> int:
                         med["p50"],
                         med["p99"],
                         med["batch"],
+                        med["top"],
+                        med["p99top"],
                     )
                     rows.append(row)
                     print(
                         f"{name} c={concurrency}: server {row.server:,.0f}/s "
-                        f"({row.of_best:.0%} of raw best)",
+                        f"({row.of_best:.0%} of raw best; transport ceiling {row.ceiling:,.0f}/s)",
                         file=sys.stderr,
                     )
         finally:
             server.stop()
+            ceiling.stop()
 
     penalties = {
         name: {mode: first_requests(name, mode) for mode in ("off", "gpu")}
-        for name in options.models
+        for name in ([] if options.skip_first_request else options.models)
     }
-    report(rows, penalties, options.output)
+    report(rows, penalties, options.output, options.server_args)
     return 0
 
 
 def report(
-    rows: list[Row], penalties: dict[str, dict[str, dict[str, float]]], output: Path
+    rows: list[Row],
+    penalties: dict[str, dict[str, dict[str, float]]],
+    output: Path,
+    server_args: str,
 ) -> None:
     import onnxruntime as ort
 
     lines = [
-        f"GPU benchmark, onnxruntime {ort.__version__}, {describe_gpu()}",
+        f"GPU benchmark, onnxruntime {ort.__version__}, {describe_gpu()}, "
+        f"server flags: {server_args or 'defaults'}",
         "",
         "| model | concurrency | client | server inf/s | p50 ms | p99 ms | mean batch | "
-        "raw b1 inf/s | raw best inf/s (batch) | server / raw best | server / raw b1 |",
-        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "raw b1 inf/s | raw best inf/s (batch) | server / raw best | server / raw b1 | "
+        "transport ceiling inf/s (p99 ms) | server / ceiling |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+        "| ---: |",
     ]
     for r in rows:
         lines.append(
             f"| {r.model} | {r.concurrency} | {r.client} | {r.server:,.0f} | {r.p50_ms:.2f} | "
             f"{r.p99_ms:.2f} | {r.mean_batch:.1f} | {r.raw_batch1:,.0f} | "
-            f"{r.raw_best:,.0f} ({r.raw_best_batch}) | {r.of_best:.0%} | {r.over_batch1:.1f}x |"
+            f"{r.raw_best:,.0f} ({r.raw_best_batch}) | {r.of_best:.0%} | {r.over_batch1:.1f}x | "
+            f"{r.ceiling:,.0f} ({r.ceiling_p99_ms:.1f}) | {r.of_ceiling:.0%} |"
         )
-    lines += ["", "first request at a new batch size (max over sizes 3, 5, 7, 11) vs repeated:"]
+    if penalties:
+        lines += ["", "first request at a new batch size (max over sizes 3, 5, 7, 11) vs repeated:"]
     for name, modes in penalties.items():
         for mode, figures in modes.items():
             lines.append(
@@ -352,7 +402,9 @@ def report(
         top = max((r for r in rows if r.model == name), key=lambda r: r.concurrency)
         lines.append(
             f"  {name}: {top.of_best:.0%} of raw best batch (target >= 85%), "
-            f"{top.over_batch1:.1f}x raw batch 1 (target >= 5x)"
+            f"{top.over_batch1:.1f}x raw batch 1 (target >= 5x); the transport alone "
+            f"allows {top.ceiling / top.raw_best:.0%} of raw best, "
+            f"{top.ceiling / top.raw_batch1:.1f}x raw batch 1"
         )
     text = "\n".join(lines)
     print(text)
@@ -364,6 +416,7 @@ def report(
                 "rows": [asdict(r) for r in rows],
                 "first_request": penalties,
                 "gpu": describe_gpu(),
+                "server_args": server_args,
                 "time": time.strftime("%Y-%m-%d %H:%M:%S"),
             },
             indent=2,

@@ -98,6 +98,13 @@ def main() -> int:
     parser.add_argument("--concurrency", nargs="+", default=["1", "16", "64"])
     parser.add_argument("--output", type=Path, default=ROOT / "bench-results")
     parser.add_argument("--skip-benchmark", action="store_true")
+    parser.add_argument(
+        "--also-with",
+        default="",
+        metavar="FLAGS",
+        help="then measure the highest concurrency again with these server flags "
+        "(e.g. '--switch-interval-ms 0.5'), into <output>/with-flags",
+    )
     options = parser.parse_args()
 
     step("GPU")
@@ -161,12 +168,34 @@ def main() -> int:
         env=environment,
         check=False,
     )
+    variant_ok = True
+    if options.also_with:
+        step(f"benchmark with server flags {options.also_with}")
+        variant = subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "scripts" / "gpu_benchmark.py"),
+                "--seconds",
+                str(options.seconds),
+                "--concurrency",
+                max(options.concurrency, key=int),
+                "--server-args",
+                options.also_with,
+                "--skip-first-request",
+                "--output",
+                str(options.output / "with-flags"),
+            ],
+            cwd=ROOT,
+            env=environment,
+            check=False,
+        )
+        variant_ok = variant.returncode == 0
     step("summary")
     print(
         f"{card}; GPU tests {'passed' if tests.returncode == 0 else 'FAILED'}; benchmark "
         f"{'ran' if benchmark.returncode == 0 else 'FAILED'}"
     )
-    return 0 if tests.returncode == 0 and benchmark.returncode == 0 else 1
+    return 0 if tests.returncode == 0 and benchmark.returncode == 0 and variant_ok else 1
 
 
 if __name__ == "__main__":
