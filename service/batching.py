@@ -52,7 +52,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -203,6 +203,33 @@ class _Job:
     started_ns: int
 
 
+class _InstanceTask:
+    """Work that every instance thread runs once, each on its own thread.
+
+    A barrier holds each thread after its run so that no thread takes a second
+    copy while another thread has none.
+    """
+
+    def __init__(self, task: Callable[[], Any], instances: int) -> None:
+        self.task = task
+        self._barrier = threading.Barrier(instances)
+        self._lock = threading.Lock()
+        self.results: list[Any] = []
+        self.finished = threading.Event()
+        self._instances = instances
+
+    def run(self) -> None:
+        try:
+            result: Any = self.task()
+        except Exception as error:  # reported to the caller, not fatal to the thread
+            result = error
+        with self._lock:
+            self.results.append(result)
+            if len(self.results) == self._instances:
+                self.finished.set()
+        self._barrier.wait()
+
+
 @dataclass
 class _Run:
     """One onnxruntime run and the requests whose outcome it decides."""
@@ -278,7 +305,7 @@ class Scheduler:
         # Each instance is a thread that runs batches handed over through a queue and
         # posts the outcome back to the loop: a cheaper handoff than run_in_executor's
         # future chain, which matters when a model's run is shorter than the handoff.
-        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[_Job | _InstanceTask | None] = queue.SimpleQueue()
         self._workers = [
             threading.Thread(target=self._work, name=f"{label} #{index}", daemon=True)
             for index in range(instances)
@@ -587,11 +614,29 @@ class Scheduler:
             fatal.report(f"{self._label}: a worker thread died: {error!r}")
             raise
 
+    def on_every_instance(self, task: Callable[[], Any]) -> list[Any]:
+        """Run `task` once on each instance thread, all at once; returns what each returned.
+
+        Blocks the caller (a loading thread, before the version takes requests).
+        Warm-up runs here because onnxruntime's CUDA provider keeps per-thread
+        state (cuBLAS and cuDNN handles) that a thread creates on its first run:
+        warmed on the loading thread, an instance would still pay for it on its
+        first real batch. An exception from `task` is returned, not raised.
+        """
+        work = _InstanceTask(task, self._instances)
+        for _ in range(self._instances):
+            self._jobs.put(work)
+        work.finished.wait()
+        return list(work.results)
+
     def _serve_jobs(self) -> None:
         while True:
             job = self._jobs.get()
             if job is None:
                 return
+            if isinstance(job, _InstanceTask):
+                job.run()
+                continue
             failed_attempt, runs = self._execute(job)
             loop = self._loop
             if loop is None or loop.is_closed():

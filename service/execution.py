@@ -67,7 +67,7 @@ class ModelRunner:
         timings.compute_input_ns = ready - started
         timings.executed = True
         try:
-            session = self._session()
+            session = self.thread_session()
             produced = dict(zip(output_names, session.run(feeds, output_names), strict=True))
         finally:
             timings.compute_infer_ns = time.perf_counter_ns() - ready
@@ -84,7 +84,8 @@ class ModelRunner:
         timings.compute_output_ns = time.perf_counter_ns() - ran
         return outcome
 
-    def _session(self) -> OnnxSession:
+    def thread_session(self) -> OnnxSession:
+        """The session the calling instance thread runs on (dealt on its first call)."""
         session: OnnxSession | None = getattr(self._local, "session", None)
         if session is None:
             session = self._sessions[next(self._dealt) % len(self._sessions)]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -99,8 +100,9 @@ class ModelVersion:
         self.stats = ModelStats(histograms=histograms)
         self.load_seconds = 0.0
         self.latency_objective_seconds = latency_objective(config)
+        self.runner = ModelRunner(self.sessions, signature, self.label)
         self.scheduler = Scheduler(
-            ModelRunner(self.sessions, signature, self.label),
+            self.runner,
             signature,
             policy,
             instance_count,
@@ -431,14 +433,7 @@ class ModelRegistry:
             histograms=self._settings.metrics_port >= 0,
         )
         if warmup_wanted(self._settings.warmup, config, session.on_gpu):
-            label = f"model '{name}' version {version}"
-            reports = [warm_up(each, config, label) for each in sessions]
-            loaded.warmup = WarmupReport(
-                sum(r.runs for r in reports),
-                sum(r.seconds for r in reports),
-                tuple(shape for r in reports for shape in r.shapes),
-                next((r.failure for r in reports if r.failure), None),
-            )
+            loaded.warmup = _warm_up_instances(loaded)
         return loaded
 
     # ------------------------------------------------------ model control ---
@@ -771,3 +766,37 @@ def parse_version(text: str) -> int:
     if not is_version_text(text) or int(text) < 1:
         raise InvalidInputError(f"model version '{text}' is not a positive integer")
     return int(text)
+
+
+def _warm_up_instances(loaded: ModelVersion) -> WarmupReport:
+    """Warm up on the instance threads: the full plan once per session, one run per thread.
+
+    Shape-dependent state (cuDNN algorithm choices, the memory arena) belongs to
+    the session, so one thread per session runs every planned shape; the other
+    threads share it and only need their own per-thread state, which one small
+    run creates.
+    """
+    claimed: set[int] = set()
+    lock = threading.Lock()
+
+    def on_this_thread() -> WarmupReport:
+        session = loaded.runner.thread_session()
+        with lock:
+            first = id(session) not in claimed
+            claimed.add(id(session))
+        return warm_up(session, loaded.config, loaded.label, smallest_only=not first)
+
+    started = time.perf_counter()
+    reports = loaded.scheduler.on_every_instance(on_this_thread)
+    failures = [r for r in reports if isinstance(r, BaseException)]
+    done = [r for r in reports if isinstance(r, WarmupReport)]
+    failure = next((r.failure for r in done if r.failure), None)
+    if failures:
+        failure = failure or f"warm-up raised {failures[0]!r}"
+        log.warning("%s: warm-up failed on an instance: %r", loaded.label, failures[0])
+    return WarmupReport(
+        sum(r.runs for r in done),
+        time.perf_counter() - started,
+        tuple(shape for r in done for shape in r.shapes),
+        failure,
+    )

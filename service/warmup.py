@@ -9,6 +9,10 @@ of two, the preferred sizes and max_batch_size, each at sequence lengths in
 powers of two up to the model's max_sequence_length. Largest first, so the
 memory arena grows once to its peak instead of step by step.
 
+It runs on the instance threads themselves (see
+Scheduler.on_every_instance): the CUDA provider's per-thread state would
+otherwise be created by the first real batch on each thread.
+
 Warm-up feeds the session directly (model-shaped tensors: zeros for integers,
 which are valid token ids and indices; seeded random values for floats).
 """
@@ -16,6 +20,7 @@ which are valid token ids and indices; seeded random values for floats).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 
@@ -110,15 +115,24 @@ def feeds_for(
     return feeds
 
 
-def warm_up(session: OnnxSession, config: mc.ModelConfig, label: str) -> WarmupReport:
-    """Run every planned shape once; a failing shape stops warm-up, never the load."""
+def warm_up(
+    session: OnnxSession, config: mc.ModelConfig, label: str, smallest_only: bool = False
+) -> WarmupReport:
+    """Run every planned shape once; a failing shape stops warm-up, never the load.
+
+    `smallest_only` runs just the smallest shape: enough for a thread that shares
+    a session another thread warms fully.
+    """
     graph = session.graph
     batching = config.max_batch_size > 0
     outputs = [tensor.name for tensor in graph.outputs]
     started = time.perf_counter()
     done: list[tuple[int | None, int | None]] = []
-    for rows in batch_sizes(config):
-        for length in sequence_lengths(config, graph):
+    sizes, lengths = batch_sizes(config), sequence_lengths(config, graph)
+    if smallest_only:
+        sizes, lengths = sizes[-1:], lengths[-1:]
+    for rows in sizes:
+        for length in lengths:
             try:
                 session.run(feeds_for(graph, batching, rows, length), outputs)
             except (ServingError, ValueError) as error:
@@ -126,4 +140,12 @@ def warm_up(session: OnnxSession, config: mc.ModelConfig, label: str) -> WarmupR
                 log.warning("%s: warm-up stopped at %s", label, failure)
                 return WarmupReport(len(done), time.perf_counter() - started, tuple(done), failure)
             done.append((rows, length))
-    return WarmupReport(len(done), time.perf_counter() - started, tuple(done))
+    seconds = time.perf_counter() - started
+    log.debug(
+        "%s: warm-up on thread [%s]: %d shapes in %.2fs",
+        label,
+        threading.current_thread().name,
+        len(done),
+        seconds,
+    )
+    return WarmupReport(len(done), seconds, tuple(done))

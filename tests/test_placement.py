@@ -361,6 +361,27 @@ def test_warmup_runs_every_batch_size_the_batcher_can_form(
     assert any("warm-up 8 shapes" in r.getMessage() for r in caplog.records)
 
 
+def test_warmup_runs_on_every_instance_thread(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Per-thread provider state is created by warm-up, not by a client's first batch."""
+    repository = _repository(tmp_path, "instance_group [ { kind: KIND_CPU count: 3 } ]")
+    with (
+        caplog.at_level("DEBUG", logger="service.warmup"),
+        serve(repository, warmup="all") as server,
+        server.client() as client,
+    ):
+        assert _double(client) is not None
+        report = server.server.registry.resolve("doubler", "").warmup
+    assert report is not None and report.failure is None
+    # One thread runs all eight batch sizes, the two sharing its session one each.
+    assert report.runs == 8 + 1 + 1
+    found = [re.search(r"thread \[(.+)\]: (\d+) shapes", r.getMessage()) for r in caplog.records]
+    threads = sorted(match.groups() for match in found if match is not None)
+    assert [name for name, _ in threads] == [f"model 'doubler' version 1 #{i}" for i in range(3)]
+    assert sorted(int(count) for _, count in threads) == [1, 1, 8]
+
+
 def test_warmup_is_off_on_cpu_by_default_and_a_model_parameter_turns_it_on(
     tmp_path: Path,
 ) -> None:
