@@ -256,7 +256,7 @@ def main() -> int:
     parser.add_argument(
         "--server-args",
         default="",
-        help="extra server flags, one string (e.g. '--switch-interval-ms 0.5'), given to the "
+        help="extra server flags, one string (e.g. '--no-cuda-io-binding'), given to the "
         "measured server and to the transport ceiling alike",
     )
     parser.add_argument("--skip-first-request", action="store_true")

@@ -103,7 +103,7 @@ def main() -> int:
         default="",
         metavar="FLAGS",
         help="then measure the highest concurrency again with these server flags "
-        "(e.g. '--switch-interval-ms 0.5'), into <output>/with-flags",
+        "(e.g. '--no-cuda-io-binding'), into <output>/with-flags",
     )
     options = parser.parse_args()
 

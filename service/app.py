@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import sys
 
 import grpc
 from grpc_health.v1 import health, health_pb2
@@ -180,9 +179,6 @@ async def serve(settings: Settings) -> None:
         loop.call_soon_threadsafe(stop_requested.set)
 
     unsubscribe = fatal.subscribe(on_fatal)
-    previous_interval = sys.getswitchinterval()
-    sys.setswitchinterval(settings.switch_interval_ms / 1000)
-    log.info("interpreter switch interval %.2f ms", sys.getswitchinterval() * 1000)
     try:
         server = InferenceServer(settings)
         await server.start()
@@ -192,5 +188,4 @@ async def serve(settings: Settings) -> None:
             raise FatalServerError(fatal_reasons[0])
         await server.stop()
     finally:
-        sys.setswitchinterval(previous_interval)
         unsubscribe()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -769,22 +768,16 @@ def parse_version(text: str) -> int:
 
 
 def _warm_up_instances(loaded: ModelVersion) -> WarmupReport:
-    """Warm up on the instance threads: the full plan once per session, one run per thread.
+    """Warm up every planned shape on every instance thread, all threads at once.
 
-    Shape-dependent state (cuDNN algorithm choices, the memory arena) belongs to
-    the session, so one thread per session runs every planned shape; the other
-    threads share it and only need their own per-thread state, which one small
-    run creates.
+    onnxruntime's CUDA provider keeps per-thread state, and not only handles: on
+    an H100, a thread that had run only batch 1 still paid 5x its repeat time for
+    its first batch of 3, 5, 7 or 11 after another thread sharing the session had
+    run those sizes. So each thread runs the whole plan itself.
     """
-    claimed: set[int] = set()
-    lock = threading.Lock()
 
     def on_this_thread() -> WarmupReport:
-        session = loaded.runner.thread_session()
-        with lock:
-            first = id(session) not in claimed
-            claimed.add(id(session))
-        return warm_up(session, loaded.config, loaded.label, smallest_only=not first)
+        return warm_up(loaded.runner.thread_session(), loaded.config, loaded.label)
 
     started = time.perf_counter()
     reports = loaded.scheduler.on_every_instance(on_this_thread)

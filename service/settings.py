@@ -112,14 +112,6 @@ class Settings:
         "let onnxruntime's threads busy-wait between operators (faster alone, slower beside "
         "the server's own threads on few cores); a model's allow_spinning parameter overrides",
     )
-    switch_interval_ms: float = _setting(
-        5.0,
-        "how long a Python thread may hold the interpreter while another waits for it "
-        "(sys.setswitchinterval; Python's default is 5): lower lets the model threads and "
-        "gRPC's poller get in between the event loop's work sooner",
-        low=0.05,
-        high=100.0,
-    )
     model_load_parallelism: int = _setting(
         2, "how many model versions load at the same time at start-up", low=1, high=64
     )

@@ -115,23 +115,15 @@ def feeds_for(
     return feeds
 
 
-def warm_up(
-    session: OnnxSession, config: mc.ModelConfig, label: str, smallest_only: bool = False
-) -> WarmupReport:
-    """Run every planned shape once; a failing shape stops warm-up, never the load.
-
-    `smallest_only` runs just the smallest shape: enough for a thread that shares
-    a session another thread warms fully.
-    """
+def warm_up(session: OnnxSession, config: mc.ModelConfig, label: str) -> WarmupReport:
+    """Run every planned shape once; a failing shape stops warm-up, never the load."""
     graph = session.graph
     batching = config.max_batch_size > 0
     outputs = [tensor.name for tensor in graph.outputs]
     started = time.perf_counter()
     done: list[tuple[int | None, int | None]] = []
-    sizes, lengths = batch_sizes(config), sequence_lengths(config, graph)
-    if smallest_only:
-        sizes, lengths = sizes[-1:], lengths[-1:]
-    for rows in sizes:
+    lengths = sequence_lengths(config, graph)
+    for rows in batch_sizes(config):
         for length in lengths:
             try:
                 session.run(feeds_for(graph, batching, rows, length), outputs)

@@ -97,35 +97,6 @@ def test_port_zero_is_logged_and_models_are_described(running: ServerProcess) ->
     assert b'batchwise_model_ready{model="quick",version="1"} 1.0' in metrics
 
 
-def test_switch_interval_is_applied_to_the_process(slow_repository: Path) -> None:
-    server = ServerProcess(
-        "serve",
-        "--model-repository",
-        str(slow_repository),
-        "--grpc-host",
-        "127.0.0.1",
-        "--grpc-port",
-        "0",
-        "--metrics-port",
-        "-1",
-        "--switch-interval-ms",
-        "0.5",
-    )
-    try:
-        assert "interpreter switch interval 0.50 ms" in server.wait_for("switch interval")
-    finally:
-        server.kill()
-    refused = subprocess.run(
-        [sys.executable, "-m", "service", "serve", "--switch-interval-ms", "0"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert refused.returncode == 2
-    assert "switch-interval-ms" in refused.stderr or "switch_interval_ms" in refused.stderr
-
-
 def test_environment_variables_configure_the_server(slow_repository: Path) -> None:
     server = ServerProcess(
         "serve",

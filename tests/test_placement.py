@@ -374,12 +374,12 @@ def test_warmup_runs_on_every_instance_thread(
         assert _double(client) is not None
         report = server.server.registry.resolve("doubler", "").warmup
     assert report is not None and report.failure is None
-    # One thread runs all eight batch sizes, the two sharing its session one each.
-    assert report.runs == 8 + 1 + 1
+    # Every instance thread runs all eight batch sizes itself.
+    assert report.runs == 3 * 8
     found = [re.search(r"thread \[(.+)\]: (\d+) shapes", r.getMessage()) for r in caplog.records]
     threads = sorted(match.groups() for match in found if match is not None)
     assert [name for name, _ in threads] == [f"model 'doubler' version 1 #{i}" for i in range(3)]
-    assert sorted(int(count) for _, count in threads) == [1, 1, 8]
+    assert [int(count) for _, count in threads] == [8, 8, 8]
 
 
 def test_warmup_is_off_on_cpu_by_default_and_a_model_parameter_turns_it_on(
