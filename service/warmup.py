@@ -4,9 +4,10 @@ On a GPU the first run at a new input shape pays for cuDNN algorithm
 selection, kernel loading and memory-arena growth; without warm-up a client's
 first request at batch 7 is the one that pays. The dynamic batcher forms any
 batch size up to max_batch_size, and variable-length inputs are padded to the
-longest in the batch, so warm-up covers every batch size up to 32, the powers
-of two, the preferred sizes and max_batch_size, each at sequence lengths in
-powers of two up to the model's max_sequence_length. Largest first, so the
+longest in the batch, so on a GPU warm-up covers every batch size up to
+max_batch_size (on the CPU: every size up to 32, the powers of two, the
+preferred sizes and max_batch_size), each at sequence lengths in powers of two
+up to the model's max_sequence_length. Largest first, so the
 memory arena grows once to its peak instead of step by step.
 
 It runs on the instance threads themselves (see
@@ -53,12 +54,18 @@ def wanted(mode: str, config: mc.ModelConfig, on_gpu: bool) -> bool:
     return mode == "all" or (mode == "gpu" and on_gpu)
 
 
-def batch_sizes(config: mc.ModelConfig) -> list[int | None]:
-    """Every size the batcher may form that is worth a run, largest first."""
+def batch_sizes(config: mc.ModelConfig, every_size: bool = False) -> list[int | None]:
+    """The sizes the batcher may form that are worth a run, largest first.
+
+    `every_size` (sessions on a GPU): all of 1..max_batch_size. On an H100 the
+    first ResNet-18 run of a batch size a thread had not run before took about
+    5x its repeat time, and under load the batcher forms any size; on the CPU
+    there is little per-shape state, so sizes above 32 are sampled.
+    """
     largest = config.max_batch_size
     if largest <= 0:
         return [None]
-    sizes = set(range(1, min(largest, _ALL_SIZES_UP_TO) + 1))
+    sizes = set(range(1, (largest if every_size else min(largest, _ALL_SIZES_UP_TO)) + 1))
     power = 1
     while power <= largest:
         sizes.add(power)
@@ -123,7 +130,7 @@ def warm_up(session: OnnxSession, config: mc.ModelConfig, label: str) -> WarmupR
     started = time.perf_counter()
     done: list[tuple[int | None, int | None]] = []
     lengths = sequence_lengths(config, graph)
-    for rows in batch_sizes(config):
+    for rows in batch_sizes(config, every_size=session.on_gpu):
         for length in lengths:
             try:
                 session.run(feeds_for(graph, batching, rows, length), outputs)

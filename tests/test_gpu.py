@@ -154,7 +154,9 @@ def test_gpu_models_were_warmed_up_at_every_shape_the_batcher_forms(
         assert report is not None and report.failure is None, model
         config = version.config
         session_graph = version.sessions[0].graph
-        planned = len(batch_sizes(config)) * len(sequence_lengths(config, session_graph))
+        planned = len(batch_sizes(config, every_size=True)) * len(
+            sequence_lengths(config, session_graph)
+        )
         # Every planned shape once on every instance thread.
         assert report.runs > 0 and report.runs % planned == 0 and report.seconds > 0
         # Default --warmup gpu: CPU models are not warmed up.

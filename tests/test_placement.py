@@ -33,6 +33,7 @@ from service.placement import (
 )
 from service.protocol import model_config_pb2 as mc
 from service.runtime import available_providers
+from service.warmup import batch_sizes
 from tests import onnx_models as models
 from tests.conftest import serve
 
@@ -359,6 +360,15 @@ def test_warmup_runs_every_batch_size_the_batcher_can_form(
     )
     assert match is not None and float(match.group(1)) > 0
     assert any("warm-up 8 shapes" in r.getMessage() for r in caplog.records)
+
+
+def test_warmup_plan_takes_every_batch_size_on_a_gpu_and_samples_on_the_cpu() -> None:
+    config = mc.ModelConfig(max_batch_size=100)
+    config.dynamic_batching.preferred_batch_size.append(48)
+    assert batch_sizes(config, every_size=True) == list(range(100, 0, -1))
+    sampled = batch_sizes(config)
+    assert sampled == [100, 64, 48, *range(32, 0, -1)]
+    assert batch_sizes(mc.ModelConfig(max_batch_size=0), every_size=True) == [None]
 
 
 def test_warmup_runs_on_every_instance_thread(
