@@ -8,7 +8,9 @@ so what remains per request is grpc.aio, protobuf parsing of the request and
 serialising a response of the real size: no decoding, batching, onnxruntime or
 statistics. The benchmarks run it beside the real server to show how much of
 the gap to in-process onnxruntime is the transport, which no batching can win
-back. A measuring tool, never a server to deploy.
+back. A measuring tool, never a server to deploy: the cache ignores requested
+outputs and parameters, and the server-side limits and access log that run
+before decoding are skipped too.
 """
 
 from __future__ import annotations

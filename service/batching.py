@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import queue
 import threading
@@ -203,6 +204,9 @@ class _Job:
     started_ns: int
 
 
+_INSTANCE_TASK_SECONDS = 3600.0  # longest warm-up a thread waits for the others
+
+
 class _InstanceTask:
     """Work that every instance thread runs once, each on its own thread.
 
@@ -219,15 +223,18 @@ class _InstanceTask:
         self._instances = instances
 
     def run(self) -> None:
+        result: Any = None
         try:
-            result: Any = self.task()
+            result = self.task()
         except Exception as error:  # reported to the caller, not fatal to the thread
             result = error
-        with self._lock:
-            self.results.append(result)
-            if len(self.results) == self._instances:
-                self.finished.set()
-        self._barrier.wait()
+        finally:
+            with self._lock:
+                self.results.append(result)
+                if len(self.results) == self._instances:
+                    self.finished.set()
+            with contextlib.suppress(threading.BrokenBarrierError):  # another thread died
+                self._barrier.wait(_INSTANCE_TASK_SECONDS)
 
 
 @dataclass
@@ -306,6 +313,10 @@ class Scheduler:
         # posts the outcome back to the loop: a cheaper handoff than run_in_executor's
         # future chain, which matters when a model's run is shorter than the handoff.
         self._jobs: queue.SimpleQueue[_Job | _InstanceTask | None] = queue.SimpleQueue()
+        if instances < 1:
+            raise ValueError(f"{label}: a scheduler needs at least one instance")
+        self._closed = False
+        self._instance_task_lock = threading.Lock()
         self._workers = [
             threading.Thread(target=self._work, name=f"{label} #{index}", daemon=True)
             for index in range(instances)
@@ -614,6 +625,10 @@ class Scheduler:
             fatal.report(f"{self._label}: a worker thread died: {error!r}")
             raise
 
+    @property
+    def instances(self) -> int:
+        return self._instances
+
     def on_every_instance(self, task: Callable[[], Any]) -> list[Any]:
         """Run `task` once on each instance thread, all at once; returns what each returned.
 
@@ -623,11 +638,16 @@ class Scheduler:
         warmed on the loading thread, an instance would still pay for it on its
         first real batch. An exception from `task` is returned, not raised.
         """
-        work = _InstanceTask(task, self._instances)
-        for _ in range(self._instances):
-            self._jobs.put(work)
-        work.finished.wait()
-        return list(work.results)
+        with self._instance_task_lock:  # two tasks interleaved on the queue would deadlock
+            if self._closed:
+                raise RuntimeError(f"{self._label}: the scheduler is closed")
+            work = _InstanceTask(task, self._instances)
+            for _ in range(self._instances):
+                self._jobs.put(work)
+            while not work.finished.wait(1.0):
+                if not any(worker.is_alive() for worker in self._workers):
+                    raise RuntimeError(f"{self._label}: the instance threads have stopped")
+            return list(work.results)
 
     def _serve_jobs(self) -> None:
         while True:
@@ -723,6 +743,7 @@ class Scheduler:
 
     def close(self) -> None:
         """Refuse what is still queued and tell the instances to stop (on the loop)."""
+        self._closed = True
         if self._timer is not None:
             self._timer.cancel()
         for pending in self._ordered():

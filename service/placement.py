@@ -74,6 +74,10 @@ class Placement:
     instances_per_device: int
     # Why a GPU request runs on CPU or TensorRT runs as CUDA; empty when all went as asked.
     notes: tuple[str, ...] = field(default=())
+    # Whether a GPU session that cannot start may run on the CPU instead: KIND_AUTO
+    # always (CUDA installed but unusable is still "no GPU"), KIND_GPU only with
+    # --gpu-fallback-to-cpu.
+    cpu_fallback: bool = False
 
     @property
     def instance_count(self) -> int:
@@ -164,7 +168,8 @@ def plan_placement(
         chain.append((CUDA, cuda_options(gpu, cuda_parameters, defaults)))
         chain.append((CPU, {}))
         devices.append(Device(f"GPU {gpu}", gpu, tuple(chain)))
-    return Placement(tuple(devices), count, tuple(notes))
+    cpu_fallback = defaults.fallback_to_cpu or kind == mc.ModelInstanceGroup.KIND_AUTO
+    return Placement(tuple(devices), count, tuple(notes), cpu_fallback)
 
 
 def _gpu_accelerators(config: mc.ModelConfig) -> dict[str, dict[str, str]]:

@@ -345,7 +345,8 @@ class ModelRegistry:
         loaded = target.loaded
         loaded.load_seconds = time.perf_counter() - started
         warmed = (
-            f"; warm-up {loaded.warmup.runs} shapes in {loaded.warmup.seconds:.2f}s"
+            f"; warm-up {len(set(loaded.warmup.shapes))} shapes, {loaded.warmup.runs} runs "
+            f"over the instance threads, in {loaded.warmup.seconds:.2f}s"
             if loaded.warmup is not None
             else ""
         )
@@ -395,7 +396,7 @@ class ModelRegistry:
                 options,
                 device,
                 io_binding=self._settings.cuda_io_binding,
-                fallback_to_cpu=gpu_defaults.fallback_to_cpu,
+                fallback_to_cpu=placement.cpu_fallback,
             )
             for device in placement.devices
         ]

@@ -208,7 +208,7 @@ class OnnxSession:
             )
             if not fallback_to_cpu:
                 raise ModelLoadError(problem + ", or allow --gpu-fallback-to-cpu")
-            self.notes.append(problem + ": running on CPU (--gpu-fallback-to-cpu)")
+            self.notes.append(problem + ": running on CPU")
             device = Device("CPU", None, ((CPU, {}),))
             self._session = self._create(model_path, options, device.providers)
         elif device.wanted == TENSORRT and TENSORRT not in in_use:

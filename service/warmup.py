@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 _ALL_SIZES_UP_TO = 32
 _DEFAULT_LONGEST = 128
 _SHORTEST_BUCKET = 8
+# Most shapes one thread warms up: beyond it (a large max_batch_size times many
+# length buckets) sizes above _ALL_SIZES_UP_TO are sampled even on a GPU.
+_MOST_SHAPES = 1024
 
 
 @dataclass(frozen=True)
@@ -130,7 +133,10 @@ def warm_up(session: OnnxSession, config: mc.ModelConfig, label: str) -> WarmupR
     started = time.perf_counter()
     done: list[tuple[int | None, int | None]] = []
     lengths = sequence_lengths(config, graph)
-    for rows in batch_sizes(config, every_size=session.on_gpu):
+    sizes = batch_sizes(config, every_size=session.on_gpu)
+    if len(sizes) * len(lengths) > _MOST_SHAPES:
+        sizes = batch_sizes(config)
+    for rows in sizes:
         for length in lengths:
             try:
                 session.run(feeds_for(graph, batching, rows, length), outputs)

@@ -158,7 +158,7 @@ def test_gpu_models_were_warmed_up_at_every_shape_the_batcher_forms(
             sequence_lengths(config, session_graph)
         )
         # Every planned shape once on every instance thread.
-        assert report.runs > 0 and report.runs % planned == 0 and report.seconds > 0
+        assert report.runs == planned * version.scheduler.instances and report.seconds > 0
         # Default --warmup gpu: CPU models are not warmed up.
         assert cpu.server.registry.resolve(model, "").warmup is None
 

@@ -9,6 +9,7 @@ tritonclient. tests/test_gpu.py covers the same on a real GPU.
 from __future__ import annotations
 
 import re
+import threading
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,14 @@ def trt(parameters: str, head: str = GPU_GROUP) -> str:
 
 
 # ------------------------------------------------------------- planning ---
+
+
+def test_auto_kind_may_always_fall_back_to_the_cpu_gpu_kind_only_when_allowed() -> None:
+    # CUDA installed, GPU count unknown (no NVML): AUTO tries the GPU but may end on the CPU.
+    auto = plan("instance_group [ { kind: KIND_AUTO } ]", gpus=None)
+    assert auto.on_gpu and auto.cpu_fallback
+    assert not plan(GPU_GROUP, gpus=None).cpu_fallback
+    assert plan(GPU_GROUP, gpus=None, fallback_to_cpu=True).cpu_fallback
 
 
 def test_cpu_kind_runs_on_cpu_with_its_count_even_where_cuda_exists() -> None:
@@ -359,7 +368,7 @@ def test_warmup_runs_every_batch_size_the_batcher_can_form(
         r'batchwise_model_warmup_duration_seconds\{model="doubler",version="1"\} (\S+)', text
     )
     assert match is not None and float(match.group(1)) > 0
-    assert any("warm-up 8 shapes" in r.getMessage() for r in caplog.records)
+    assert any("warm-up 8 shapes, 8 runs" in r.getMessage() for r in caplog.records)
 
 
 def test_warmup_plan_takes_every_batch_size_on_a_gpu_and_samples_on_the_cpu() -> None:
@@ -390,6 +399,26 @@ def test_warmup_runs_on_every_instance_thread(
     threads = sorted(match.groups() for match in found if match is not None)
     assert [name for name, _ in threads] == [f"model 'doubler' version 1 #{i}" for i in range(3)]
     assert [int(count) for _, count in threads] == [8, 8, 8]
+
+
+def test_work_for_every_instance_runs_once_per_thread_and_reports_failures(
+    tmp_path: Path,
+) -> None:
+    repository = _repository(tmp_path, "instance_group [ { kind: KIND_CPU count: 2 } ]")
+    with serve(repository) as server:
+        scheduler = server.server.registry.resolve("doubler", "").scheduler
+        names = scheduler.on_every_instance(lambda: threading.current_thread().name)
+        assert sorted(names) == ["model 'doubler' version 1 #0", "model 'doubler' version 1 #1"]
+
+        def fails() -> None:
+            raise ValueError("no")
+
+        outcomes = scheduler.on_every_instance(fails)
+        assert [type(o) for o in outcomes] == [ValueError, ValueError]
+        with server.client() as client:  # the instances still serve afterwards
+            _double(client)
+    with pytest.raises(RuntimeError, match="closed"):
+        scheduler.on_every_instance(lambda: None)
 
 
 def test_warmup_is_off_on_cpu_by_default_and_a_model_parameter_turns_it_on(
