@@ -84,6 +84,26 @@ def library_path(extra: list[Path]) -> str:
     return ":".join(dict.fromkeys(folders))
 
 
+def run_benchmark(
+    environment: dict[str, str], seconds: float, output: Path, *arguments: str
+) -> subprocess.CompletedProcess[bytes]:
+    """scripts/gpu_benchmark.py with this check's libraries, its output shown as it runs."""
+    return subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "gpu_benchmark.py"),
+            "--seconds",
+            str(seconds),
+            "--output",
+            str(output),
+            *arguments,
+        ],
+        cwd=ROOT,
+        env=environment,
+        check=False,
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--wheels", type=Path, help="folder of wheel files (onnxruntime-gpu, …)")
@@ -153,41 +173,21 @@ def main() -> int:
         return 0 if tests.returncode == 0 else 1
 
     step("benchmark (scripts/gpu_benchmark.py)")
-    benchmark = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "scripts" / "gpu_benchmark.py"),
-            "--seconds",
-            str(options.seconds),
-            "--concurrency",
-            *options.concurrency,
-            "--output",
-            str(options.output),
-        ],
-        cwd=ROOT,
-        env=environment,
-        check=False,
+    benchmark = run_benchmark(
+        environment, options.seconds, options.output, "--concurrency", *options.concurrency
     )
     variant_ok = True
     if options.also_with:
         step(f"benchmark with server flags {options.also_with}")
-        variant = subprocess.run(
-            [
-                sys.executable,
-                str(ROOT / "scripts" / "gpu_benchmark.py"),
-                "--seconds",
-                str(options.seconds),
-                "--concurrency",
-                max(options.concurrency, key=int),
-                "--server-args",
-                options.also_with,
-                "--skip-first-request",
-                "--output",
-                str(options.output / "with-flags"),
-            ],
-            cwd=ROOT,
-            env=environment,
-            check=False,
+        variant = run_benchmark(
+            environment,
+            options.seconds,
+            options.output / "with-flags",
+            "--concurrency",
+            max(options.concurrency, key=int),
+            "--server-args",
+            options.also_with,
+            "--skip-first-request",
         )
         variant_ok = variant.returncode == 0
     step("summary")
