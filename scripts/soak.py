@@ -1,7 +1,8 @@
 """Soak and overload runs against a real server process (not part of the test suite).
 
     python scripts/soak.py --minutes 10            # soak: ~80% of capacity for 10 minutes
-    python scripts/soak.py --minutes 1 --overload 3 # and then 3x capacity for 30 s
+    python scripts/soak.py --minutes 0 --overload 3 \
+        --server-args "--grpc-max-pending-calls 128"  # 3x capacity for 30 s
 
 1. Capacity: a closed loop of --concurrency clients for --capacity-seconds;
    throughput = completed requests / time.
@@ -11,12 +12,23 @@
    sampled every 5 s. Verdict: zero errors, RSS growth after the first
    (warm-up) minute below 5%.
 3. Overload (--overload F > 0): the same open loop at F x capacity for
-   --overload-seconds against a model whose queue holds --queue-size requests:
-   how many are rejected (UNAVAILABLE), how fast, the p99 of those admitted,
-   and the RSS.
+   --overload-seconds (the model's queue holds --queue-size requests): how many
+   are admitted and their p50/p99, how many are turned away and how fast, by
+   status (UNAVAILABLE from the server's queue and limits; CANCELLED from
+   gRPC's own bound on calls the server has not taken yet,
+   --grpc-max-pending-calls), and the RSS. digits_cnn is so cheap that the
+   event loop, not the model, is the bottleneck: the second kind is the one
+   this run shows.
 
 The model is digits_cnn from the embedded repository (a small CNN, with its
 config's dynamic batching). Results go to bench-results/soak.json.
+
+The server and this client run on separate CPUs (--server-cpus, --client-cpus;
+by default the first half and the second half of the CPUs this process may
+use), so that neither steals the other's time and the figures describe the
+server. The client also records how late it sent each request against its
+schedule: when that lag is large the client, not the server, was the limit and
+the run says so.
 """
 
 from __future__ import annotations
@@ -25,6 +37,7 @@ import argparse
 import asyncio
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -43,24 +56,35 @@ MODEL = "digits_cnn"
 OUTSTANDING_LIMIT = 20_000  # the client's own bound; beyond it the client, not the server, lags
 
 
+CLIENT_LAG_WARNING_MS = 100.0
+
+
+def _percentile(values: list[float], q: float) -> float:
+    return round(float(np.percentile(values, q)), 3) if values else 0.0
+
+
 @dataclass
 class Window:
     latencies_ms: list[float] = field(default_factory=list)
     errors: dict[str, int] = field(default_factory=dict)
+    error_ms: dict[str, list[float]] = field(default_factory=dict)
     rejected_ms: list[float] = field(default_factory=list)
+    send_lag_ms: list[float] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         ok = np.array(self.latencies_ms) if self.latencies_ms else np.zeros(1)
-        rejected = np.array(self.rejected_ms) if self.rejected_ms else np.zeros(1)
         return {
             "ok": len(self.latencies_ms),
             "errors": dict(self.errors),
+            "error_p50_ms": {code: _percentile(times, 50) for code, times in self.error_ms.items()},
             "p50_ms": round(float(np.percentile(ok, 50)), 3),
             "p99_ms": round(float(np.percentile(ok, 99)), 3),
             "max_ms": round(float(ok.max()), 3),
             "rejected": len(self.rejected_ms),
-            "rejected_p50_ms": round(float(np.percentile(rejected, 50)), 3),
-            "rejected_p99_ms": round(float(np.percentile(rejected, 99)), 3),
+            "rejected_p50_ms": _percentile(self.rejected_ms, 50),
+            "rejected_p99_ms": _percentile(self.rejected_ms, 99),
+            "client_send_lag_p99_ms": _percentile(self.send_lag_ms, 99),
+            "client_send_lag_max_ms": round(max(self.send_lag_ms, default=0.0), 3),
         }
 
 
@@ -73,7 +97,9 @@ def _request() -> service_pb2.ModelInferRequest:
 
 
 class Server:
-    def __init__(self, repository: Path, log_path: Path) -> None:
+    def __init__(
+        self, repository: Path, log_path: Path, cpus: set[int], extra_args: list[str]
+    ) -> None:
         self.log = log_path.open("w")
         self.process = subprocess.Popen(
             [
@@ -89,10 +115,13 @@ class Server:
                 "18601",
                 "--metrics-port",
                 "-1",
+                *extra_args,
             ],
             cwd=ROOT,
             stdout=self.log,
             stderr=subprocess.STDOUT,
+            # Before the interpreter starts: every thread it makes inherits the set.
+            preexec_fn=lambda: os.sched_setaffinity(0, cpus),
         )
         self.address = "127.0.0.1:18601"
 
@@ -147,7 +176,8 @@ async def open_loop(
     dropped = 0
     started = time.monotonic()
 
-    async def one(window: Window) -> None:
+    async def one(window: Window, due: float) -> None:
+        window.send_lag_ms.append(max(0.0, time.monotonic() - due) * 1000)
         sent = time.perf_counter()
         try:
             await stub.ModelInfer(request, timeout=30)
@@ -159,6 +189,7 @@ async def open_loop(
             else:
                 name = error.code().name
                 window.errors[name] = window.errors.get(name, 0) + 1
+                window.error_ms.setdefault(name, []).append(elapsed)
 
     async def sample_rss() -> None:
         while True:
@@ -179,7 +210,7 @@ async def open_loop(
         if len(outstanding) >= OUTSTANDING_LIMIT:
             dropped += 1
         else:
-            task = asyncio.create_task(one(windows[slot]))
+            task = asyncio.create_task(one(windows[slot], due))
             outstanding.add(task)
             task.add_done_callback(outstanding.discard)
         index += 1
@@ -205,10 +236,40 @@ def _repository(queue_size: int | None) -> tuple[Path, Path]:
     return folder, folder / "server.log"
 
 
+def _warn_if_client_lagged(windows: list[dict[str, Any]]) -> None:
+    worst = max(window["client_send_lag_p99_ms"] for window in windows)
+    if worst > CLIENT_LAG_WARNING_MS:
+        print(
+            f"  WARNING: this client sent up to {worst:.0f} ms behind its schedule (p99): it, "
+            "not the server, limited the offered load; give it more CPUs (--client-cpus)"
+        )
+
+
+def _cpu_list(text: str) -> set[int]:
+    cpus: set[int] = set()
+    for part in text.split(","):
+        low, _, high = part.partition("-")
+        cpus.update(range(int(low), int(high or low) + 1))
+    return cpus
+
+
+def _split_cpus(server: str | None, client: str | None) -> tuple[set[int], set[int]]:
+    """The server's and the client's CPUs: as given, else halves of ours."""
+    available = sorted(os.sched_getaffinity(0))
+    half = max(1, len(available) // 2)
+    server_cpus = _cpu_list(server) if server else set(available[:half])
+    client_cpus = _cpu_list(client) if client else set(available[half:] or available)
+    return server_cpus, client_cpus
+
+
 async def run(arguments: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {"model": MODEL, "arguments": vars(arguments)}
     repository, log_path = _repository(arguments.queue_size)
-    server = Server(repository, log_path)
+    server_cpus, client_cpus = _split_cpus(arguments.server_cpus, arguments.client_cpus)
+    results["server_cpus"], results["client_cpus"] = sorted(server_cpus), sorted(client_cpus)
+    print(f"server on CPUs {sorted(server_cpus)}, client on CPUs {sorted(client_cpus)}")
+    server = Server(repository, log_path, server_cpus, shlex.split(arguments.server_args))
+    os.sched_setaffinity(0, client_cpus)
     try:
         async with grpc.aio.insecure_channel(server.address) as channel:
             stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
@@ -241,8 +302,10 @@ async def run(arguments: argparse.Namespace) -> dict[str, Any]:
                     print(
                         f"  minute {minute:2d}: ok {window['ok']:6d}  errors "
                         f"{sum(window['errors'].values()) + window['rejected']:3d}  "
-                        f"p50 {window['p50_ms']:7.2f} ms  p99 {window['p99_ms']:7.2f} ms"
+                        f"p50 {window['p50_ms']:7.2f} ms  p99 {window['p99_ms']:7.2f} ms  "
+                        f"client lag p99 {window['client_send_lag_p99_ms']:6.1f} ms"
                     )
+                _warn_if_client_lagged(windows)
                 soak = results["soak"]
                 print(
                     f"  errors {soak['errors']}, RSS {soak['rss_after_warmup_mb']} MB after "
@@ -265,8 +328,11 @@ async def run(arguments: argparse.Namespace) -> dict[str, Any]:
                     f"  admitted {window['ok']} (p50 {window['p50_ms']} ms, p99 "
                     f"{window['p99_ms']} ms), rejected {window['rejected']} (p50 "
                     f"{window['rejected_p50_ms']} ms, p99 {window['rejected_p99_ms']} ms), "
-                    f"other errors {window['errors']}, RSS {rss[0][1]:.0f} -> {rss[-1][1]:.0f} MB"
+                    f"other errors {window['errors']} (p50 {window['error_p50_ms']} ms), "
+                    f"RSS {rss[0][1]:.0f} -> {rss[-1][1]:.0f} MB, "
+                    f"client lag p99 {window['client_send_lag_p99_ms']} ms"
                 )
+                _warn_if_client_lagged(windows)
     finally:
         server.stop()
     return results
@@ -282,6 +348,11 @@ def main() -> None:
     parser.add_argument("--overload-seconds", type=float, default=30.0)
     parser.add_argument(
         "--queue-size", type=int, default=None, help="max_queue_size for the run's model"
+    )
+    parser.add_argument("--server-cpus", help="CPU list for the server, e.g. 0 or 0-3")
+    parser.add_argument("--client-cpus", help="CPU list for this client, e.g. 1 or 4-7")
+    parser.add_argument(
+        "--server-args", default="", help="extra flags for the server, e.g. '--log-level debug'"
     )
     parser.add_argument("--output", type=Path, default=ROOT / "bench-results" / "soak.json")
     arguments = parser.parse_args()

@@ -144,6 +144,13 @@ class Settings:
         low=0,
         high=INT32_MAX,
     )
+    grpc_max_pending_calls: int = _setting(
+        1000,
+        "calls gRPC may hold before the server has taken them; beyond it gRPC itself turns "
+        "new calls away at once, with CANCELLED",
+        low=1,
+        high=INT32_MAX,
+    )
     gpu_fallback_to_cpu: bool = _setting(
         False,
         "load a model that asks for KIND_GPU on the CPU, with a warning, when CUDA is "

@@ -26,6 +26,7 @@ from tests.process import ROOT, start_on_loopback
 QUEUE = 8
 BATCH = 4
 BURST = 200
+PENDING_BURST = 600
 SLEEPY_STEPS = 20000
 # What gRPC answers, by itself, for a call that reaches a server in the instant it stops.
 NOT_ADMITTED = "StatusCode.CANCELLED: CANCELLED"
@@ -197,6 +198,66 @@ def test_overload_is_rejected_with_unavailable_and_the_queue_stays_bounded(
         with server.client() as client:
             result = client.infer("sleepy", _sleepy(3.0, steps=0))
             np.testing.assert_array_equal(result.as_numpy("y"), np.full((1, 4), 6.0))
+
+
+def _identity_inputs(value: float) -> list[grpcclient.InferInput]:
+    text = grpcclient.InferInput("IN_BYTES", [1, 1], "BYTES")
+    text.set_data_from_numpy(np.array([[str(value).encode()]], dtype=object))
+    number = grpcclient.InferInput("IN_FP32", [1, 1], "FP32")
+    number.set_data_from_numpy(np.full((1, 1), value, np.float32))
+    return [text, number]
+
+
+def _burst(server: ServerThread, calls: int) -> Counter[str]:
+    """`calls` identity requests at once; each answer checked against its own request."""
+    outcomes: Counter[str] = Counter()
+    lock = threading.Lock()
+    finished = threading.Event()
+
+    def on_answer(index: int) -> object:
+        def done(result: object, error: InferenceServerException | None) -> None:
+            if error is None:
+                assert isinstance(result, grpcclient.InferResult)
+                number = result.as_numpy("OUT_FP32")
+                text = result.as_numpy("OUT_BYTES")
+                correct = number is not None and number.tolist() == [[float(index)]]
+                correct = correct and text is not None and text[0, 0] == str(float(index)).encode()
+                outcome = "OK" if correct else "WRONG ANSWER"
+            else:
+                outcome = f"{error.status()}: {error.message()}"
+            with lock:
+                outcomes[outcome] += 1
+                if sum(outcomes.values()) == calls:
+                    finished.set()
+
+        return done
+
+    with server.client() as client:
+        for index in range(calls):
+            client.async_infer("identity", _identity_inputs(float(index)), on_answer(index))
+        assert finished.wait(120), "some calls were never answered"
+    return outcomes
+
+
+def test_calls_beyond_grpcs_pending_bound_are_turned_away_at_once(repository: Path) -> None:
+    """When the event loop, not the model, is the bottleneck, the wait is in gRPC's own queue.
+
+    A burst of cheap requests arrives faster than the server takes calls from gRPC;
+    what waits beyond --grpc-max-pending-calls is turned away by gRPC at once (with
+    CANCELLED, before the server sees it). With a bound larger than the burst,
+    the same burst is served whole, so the refusals come from the setting.
+    """
+    with serve(repository, grpc_max_pending_calls=2) as server:
+        outcomes = _burst(server, PENDING_BURST)
+        assert set(outcomes) <= {"OK", NOT_ADMITTED}, outcomes
+        assert outcomes[NOT_ADMITTED] > 0 and outcomes["OK"] > 0, outcomes
+        # Those turned away never reached a model.
+        snapshot = server.server.registry.resolve("identity", "").stats.snapshot()
+        assert snapshot.success.count == outcomes["OK"] and snapshot.fail.count == 0
+        # Serving as usual afterwards.
+        assert _burst(server, 1) == Counter({"OK": 1})
+    with serve(repository, grpc_max_pending_calls=10 * PENDING_BURST) as server:
+        assert _burst(server, PENDING_BURST) == Counter({"OK": PENDING_BURST})
 
 
 # ----------------------------------------------------- SIGTERM, crash ---

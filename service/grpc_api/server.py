@@ -74,6 +74,10 @@ def build_grpc_server(
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
             ("grpc.so_reuseport", 0),
+            # Calls gRPC accepted that the server has not yet taken from it wait here,
+            # unseen by the server's own limits; bound them (soft = hard: no random drops).
+            ("grpc.server.max_pending_requests", settings.grpc_max_pending_calls),
+            ("grpc.server.max_pending_requests_hard_limit", settings.grpc_max_pending_calls),
         ]
     )
     guard = TokenGuard(settings.auth_token, settings.admin_token)

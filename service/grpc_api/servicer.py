@@ -81,8 +81,12 @@ class ServerState:
             raise ServerUnavailableError("the server is shutting down")
         if not self._registry.loading_done:
             raise ServerUnavailableError("the server is still loading models")
+
+    def admit_inference(self) -> None:
+        """Refuse an inference request the server cannot take now, before it is decoded."""
+        self.check_accepting()
         if self._max_in_flight and self.in_flight >= self._max_in_flight:
-            # Admission before decoding: a flood cannot pile up decoded tensors in memory.
+            # A flood cannot pile up decoded tensors in memory.
             raise ServerUnavailableError(
                 f"the server is at its limit of {self._max_in_flight} requests in flight "
                 "(--max-requests-in-flight); retry later"
@@ -284,7 +288,7 @@ class InferenceServicer:
         self, request: pb.ModelInferRequest, time_remaining: float | None = None
     ) -> pb.ModelInferResponse:
         received = time.perf_counter_ns()
-        self._state.check_accepting()
+        self._state.admit_inference()
         self._state.request_started()
         try:
             return await self._infer_admitted(request, received, time_remaining)
