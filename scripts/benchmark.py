@@ -278,7 +278,10 @@ class Server:
         metrics: bool = True,
         extra: list[str] | None = None,
         entry: list[str] | None = None,
+        tree: Path = ROOT,
+        cpus: set[int] | None = None,
     ) -> None:
+        """`tree`: the checkout whose `service` runs; `cpus`: pin the server to these."""
         self.process = subprocess.Popen(
             [
                 sys.executable,
@@ -296,10 +299,11 @@ class Server:
                 "0" if metrics else "-1",
                 *(extra or []),
             ],
-            cwd=ROOT,
+            cwd=tree,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            preexec_fn=None if cpus is None else lambda: os.sched_setaffinity(0, cpus),
         )
         self.url = ""
         self.metrics = ""

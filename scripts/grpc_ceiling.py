@@ -22,6 +22,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from service.grpc_api.servicer import InferenceServicer
+from service.grpc_api.wire import ReceivedInferRequest
 from service.protocol import grpc_service_pb2 as pb
 
 _real_model_infer = InferenceServicer.ModelInfer
@@ -29,12 +30,13 @@ _answers: dict[tuple[str, str, tuple[tuple[int, ...], ...]], pb.ModelInferRespon
 
 
 async def _answer_from_cache(
-    self: InferenceServicer, request: pb.ModelInferRequest, context: Any
+    self: InferenceServicer, request: ReceivedInferRequest, context: Any
 ) -> pb.ModelInferResponse:
+    message = request.message
     key = (
-        request.model_name,
-        request.model_version,
-        tuple(tuple(tensor.shape) for tensor in request.inputs),
+        message.model_name,
+        message.model_version,
+        tuple(tuple(tensor.shape) for tensor in message.inputs),
     )
     cached = _answers.get(key)
     if cached is None:
@@ -42,7 +44,7 @@ async def _answer_from_cache(
         _answers[key] = cached
     response = pb.ModelInferResponse()
     response.CopyFrom(cached)
-    response.id = request.id
+    response.id = message.id
     return response
 
 

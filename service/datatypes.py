@@ -86,7 +86,9 @@ def element_count(shape: Sequence[int]) -> int:
     return math.prod(shape)
 
 
-def decode_raw(tensor: str, datatype: DataType, shape: Sequence[int], raw: bytes) -> np.ndarray:
+def decode_raw(
+    tensor: str, datatype: DataType, shape: Sequence[int], raw: bytes | memoryview
+) -> np.ndarray:
     """Decode one raw tensor, checking its length against shape × element size.
 
     Fixed-size types are returned as a read-only view of `raw` (no copy),
@@ -111,7 +113,7 @@ def decode_raw(tensor: str, datatype: DataType, shape: Sequence[int], raw: bytes
     return array
 
 
-def split_length_prefixed(tensor: str, raw: bytes, count: int) -> list[bytes]:
+def split_length_prefixed(tensor: str, raw: bytes | memoryview, count: int) -> list[bytes]:
     """Split a BYTES payload into exactly `count` elements or say what is wrong."""
     if count > len(raw) // _LENGTH_PREFIX.size:
         raise InvalidInputError(

@@ -285,3 +285,67 @@ def test_inference_runs_off_the_event_loop(server: ServerThread) -> None:
     caller.join(60)
     assert finished.is_set()
     assert answered_while_busy, "other RPCs waited for the slow execution"
+
+
+def _every_numeric_input(rows: int, seed: int) -> tuple[list[grpcclient.InferInput], dict]:  # type: ignore[type-arg]
+    """One input per numeric type, each of its own width, together well over 64 KiB."""
+    arrays = {
+        name: _sample(name, (rows, 3000 + 17 * position), seed + position)
+        for position, name in enumerate(NUMERIC)
+    }
+    inputs = [_input(f"IN_{name}", array, name) for name, array in arrays.items()]
+    inputs.append(_input("IN_BF16", np.zeros((rows, 1), np.float32), "BF16"))
+    return inputs, arrays
+
+
+def test_large_requests_keep_every_raw_input_in_its_place(
+    client: grpcclient.InferenceServerClient,
+) -> None:
+    """Large requests take the zero-copy path (service/grpc_api/wire.py): each raw entry
+    must still reach its own input."""
+    inputs, arrays = _every_numeric_input(rows=2, seed=10)
+    result = client.infer(
+        "identity_numeric",
+        inputs,
+        outputs=[grpcclient.InferRequestedOutput(f"OUT_{name}") for name in arrays],
+    )
+    for name, array in arrays.items():
+        output = result.as_numpy(f"OUT_{name}")
+        assert output.dtype == array.dtype
+        np.testing.assert_array_equal(output, array)
+
+
+def test_large_requests_on_a_stream(client: grpcclient.InferenceServerClient) -> None:
+    results: queue.Queue = queue.Queue()  # type: ignore[type-arg]
+    sent = {}
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    try:
+        for index in range(3):
+            inputs, arrays = _every_numeric_input(rows=1 + index, seed=100 * index)
+            sent[f"big-{index}"] = arrays
+            client.async_stream_infer(
+                "identity_numeric",
+                inputs,
+                request_id=f"big-{index}",
+                outputs=[grpcclient.InferRequestedOutput(f"OUT_{name}") for name in arrays],
+            )
+        received = [results.get(timeout=30) for _ in range(3)]
+    finally:
+        client.stop_stream()
+    assert all(error is None for _, error in received)
+    for result, _ in received:
+        for name, array in sent[result.get_response().id].items():
+            np.testing.assert_array_equal(result.as_numpy(f"OUT_{name}"), array)
+
+
+def test_large_bytes_request(client: grpcclient.InferenceServerClient) -> None:
+    rng = np.random.default_rng(3)
+    strings = np.array(
+        [
+            ["é✓abc"[int(first) % 5 :].encode() * int(size) for first, size in row]
+            for row in rng.integers(0, 800, (3, 40, 2))
+        ],
+        dtype=np.object_,
+    )
+    result = client.infer("identity_bytes", [_input("IN_BYTES", strings, "BYTES")])
+    assert result.as_numpy("OUT_BYTES").tolist() == strings.tolist()

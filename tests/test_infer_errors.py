@@ -469,3 +469,51 @@ def test_execution_count_includes_runs_that_fail_in_onnxruntime(stub: object) ->
     assert "onnxruntime failed to execute the model" in details
     assert "onnxruntime_src" not in details and ".cc:" not in details
     assert _execution_count(stub, "fragile") == before + 1
+
+
+@pytest.mark.parametrize(
+    ("method", "body", "reason"),
+    [
+        ("ModelInfer", b"\xff" * 10, "Wire format was corrupt"),
+        ("ModelInfer", b"\x3a\x80\x80\x04" + bytes(70_000), "Wire format was corrupt"),
+        ("ModelInfer", b"\x0a\x02\xff\xfe" + b"\x3a\x80\x80\x04" + bytes(65_536), "bad UTF-8"),
+        ("ModelMetadata", b"\x0a\x02\xff\xfe", "bad UTF-8"),
+    ],
+    ids=["small", "large-truncated", "large-bad-name", "metadata"],
+)
+def test_bodies_that_are_not_protobuf_are_invalid_arguments(
+    server: ServerThread, method: str, body: bytes, reason: str
+) -> None:
+    """gRPC Python would answer UNKNOWN with a Python class name; the client's bytes are wrong."""
+    with grpc.insecure_channel(server.url) as channel:
+        call = channel.unary_unary(f"/inference.GRPCInferenceService/{method}")
+        with pytest.raises(grpc.RpcError) as caught:
+            call(body, timeout=30)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    details = caught.value.details()  # type: ignore[attr-defined]
+    assert details.startswith(f"the request is not a valid inference.{method}Request message: ")
+    assert reason in details and "class" not in details
+
+
+def test_a_malformed_message_on_a_stream_is_answered_and_the_stream_goes_on(
+    server: ServerThread,
+) -> None:
+    good = Request(model_name="add_sub", id="after")
+    for name in ("INPUT0", "INPUT1"):
+        good.inputs.add(name=name, datatype="FP32", shape=[1, 16])
+        good.raw_input_contents.append(np.ones(16, np.float32).tobytes())
+    with grpc.insecure_channel(server.url) as channel:
+        call = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer")
+        replies = [
+            service_pb2.ModelStreamInferResponse.FromString(raw)
+            for raw in call(iter([b"\xff" * 10, good.SerializeToString()]), timeout=30)
+        ]
+    errors = [reply.error_message for reply in replies if reply.error_message]
+    assert errors == [
+        "the request is not a valid inference.ModelInferRequest message: Wire format was corrupt"
+    ]
+    answered = [reply.infer_response for reply in replies if not reply.error_message]
+    assert [response.id for response in answered] == ["after"]
+    np.testing.assert_array_equal(
+        np.frombuffer(answered[0].raw_output_contents[0], np.float32), np.full(16, 2.0)
+    )

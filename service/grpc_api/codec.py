@@ -11,6 +11,7 @@ from ..errors import InvalidInputError, UnsupportedError
 from ..inference import InferenceRequest, InferenceResult, RequestBuilder
 from ..model_config import TensorSpec
 from ..protocol import grpc_service_pb2 as pb
+from .wire import ReceivedInferRequest
 
 # Typed contents fields are wider than some element types; values are range-checked.
 _CONTENTS_DTYPES = {
@@ -56,9 +57,9 @@ def decode_request_parameters(request: pb.ModelInferRequest) -> dict[str, Any]:
 INLINE_DECODE_LIMIT = 4096
 
 
-def python_decode_cost(request: pb.ModelInferRequest) -> int:
+def python_decode_cost(received: ReceivedInferRequest) -> int:
     """Elements that decoding touches one by one; raw fixed-size tensors cost nothing."""
-    raw = request.raw_input_contents
+    request, raw = received.message, received.raw_inputs
     cost = 0
     for position, tensor in enumerate(request.inputs):
         if tensor.datatype == "BYTES" and position < len(raw):
@@ -69,10 +70,10 @@ def python_decode_cost(request: pb.ModelInferRequest) -> int:
 
 
 def decode_infer_request(
-    request: pb.ModelInferRequest, builder: RequestBuilder, received_ns: int
+    received: ReceivedInferRequest, builder: RequestBuilder, received_ns: int
 ) -> InferenceRequest:
     """Decode and validate every input, then the requested outputs and parameters."""
-    raw = request.raw_input_contents
+    request, raw = received.message, received.raw_inputs
     if raw and len(raw) != len(request.inputs):
         raise InvalidInputError(
             f"raw_input_contents has {len(raw)} entries but the request has "

@@ -33,6 +33,7 @@ from .codec import (
     python_decode_cost,
 )
 from .errors import GRPC_CODES, INTERNAL_MESSAGE, translate_errors
+from .wire import MalformedRequest, ReceivedInferRequest, receive_infer_request, tolerant
 
 log = logging.getLogger(__name__)
 
@@ -285,7 +286,7 @@ class InferenceServicer:
     # ---------------------------------------------------------- inference ---
 
     async def _infer(
-        self, request: pb.ModelInferRequest, time_remaining: float | None = None
+        self, request: ReceivedInferRequest, time_remaining: float | None = None
     ) -> pb.ModelInferResponse:
         received = time.perf_counter_ns()
         self._state.admit_inference()
@@ -296,9 +297,9 @@ class InferenceServicer:
             self._state.request_finished()
 
     async def _infer_admitted(
-        self, request: pb.ModelInferRequest, received: int, time_remaining: float | None
+        self, request: ReceivedInferRequest, received: int, time_remaining: float | None
     ) -> pb.ModelInferResponse:
-        version = self._registry.resolve(request.model_name, request.model_version)
+        version = self._registry.resolve(request.message.model_name, request.message.model_version)
         # Held until the answer is built: a replaced or unloaded version waits for this.
         version.enter()
         try:
@@ -309,7 +310,7 @@ class InferenceServicer:
     async def _infer_on(
         self,
         version: ModelVersion,
-        request: pb.ModelInferRequest,
+        request: ReceivedInferRequest,
         received: int,
         time_remaining: float | None,
     ) -> pb.ModelInferResponse:
@@ -333,11 +334,11 @@ class InferenceServicer:
             core_request.deadline_ns = received + int(time_remaining * 1e9)
         core_request.log_id = REQUEST_ID.get()
         result = await version.infer(core_request)
-        return encode_infer_response(version.name, version.version, request.id, result)
+        return encode_infer_response(version.name, version.version, request.message.id, result)
 
     @translate_errors
     async def ModelInfer(
-        self, request: pb.ModelInferRequest, context: Any
+        self, request: ReceivedInferRequest, context: Any
     ) -> pb.ModelInferResponse:
         request_id = _request_id(context)
         REQUEST_ID.set(request_id)
@@ -356,10 +357,12 @@ class InferenceServicer:
             code = "CANCELLED"
             raise
         finally:
-            _access_log(request, code, started)
+            _access_log(request.message, code, started)
 
     async def ModelStreamInfer(
-        self, requests: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
+        self,
+        requests: AsyncIterator[ReceivedInferRequest | MalformedRequest],
+        context: grpc.aio.ServicerContext,
     ) -> None:
         """Requests on one stream run concurrently; each response or error is written as it ends.
 
@@ -372,7 +375,7 @@ class InferenceServicer:
         stream_id = _request_id(context)
         context.set_trailing_metadata(((REQUEST_ID_HEADER, stream_id),))
 
-        async def serve_one(request: pb.ModelInferRequest, index: int) -> None:
+        async def serve_one(request: ReceivedInferRequest, index: int) -> None:
             REQUEST_ID.set(f"{stream_id}/{index}")
             started = time.perf_counter_ns()
             code = "OK"
@@ -380,19 +383,28 @@ class InferenceServicer:
                 reply = pb.ModelStreamInferResponse(infer_response=await self._infer(request))
             except ServingError as error:
                 code = error.status.value
-                reply = self._stream_error(request, error.message)
+                reply = self._stream_error(request.message, error.message)
             except Exception:
                 code = "INTERNAL"
                 log.exception("unexpected error in ModelStreamInfer")
-                reply = self._stream_error(request, INTERNAL_MESSAGE)
-            _access_log(request, code, started)
+                reply = self._stream_error(request.message, INTERNAL_MESSAGE)
+            _access_log(request.message, code, started)
+            async with write_lock:
+                await context.write(reply)
+
+        async def refuse_one(malformed: MalformedRequest) -> None:
+            reply = self._stream_error(pb.ModelInferRequest(), malformed.describe())
             async with write_lock:
                 await context.write(reply)
 
         try:
             index = 0
             async for request in requests:
-                task = asyncio.create_task(serve_one(request, index))
+                if isinstance(request, MalformedRequest):
+                    # The stream's framing is intact: answer this message, read the next.
+                    task = asyncio.create_task(refuse_one(request))
+                else:
+                    task = asyncio.create_task(serve_one(request, index))
                 index += 1
                 pending.add(task)
                 task.add_done_callback(pending.discard)
@@ -461,6 +473,15 @@ def unimplemented(method: str) -> Callable[[Any, grpc.aio.ServicerContext], Any]
     return handler
 
 
+def _refusing_malformed(implementation: Any) -> Any:
+    async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if isinstance(request, MalformedRequest):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.describe())
+        return await implementation(request, context)
+
+    return handler
+
+
 def _guarded(method: str, implementation: Any, guard: TokenGuard) -> Any:
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
@@ -482,6 +503,8 @@ def rpc_handler(
         request_type = getattr(pb, method.input_type.name)
         response_type = getattr(pb, method.output_type.name)
         implementation = getattr(servicer, method.name, None) or unimplemented(method.name)
+        if not method.client_streaming:  # a stream's messages are checked one by one
+            implementation = _refusing_malformed(implementation)
         if guard is not None and guard.enabled:
             implementation = _guarded(method.name, implementation, guard)
         factory = (
@@ -489,9 +512,14 @@ def rpc_handler(
             if method.client_streaming
             else grpc.unary_unary_rpc_method_handler
         )
+        if request_type is pb.ModelInferRequest:
+            # Raw tensor contents stay in the received buffer (see wire.py).
+            deserialize: Callable[[bytes], Any] = receive_infer_request
+        else:
+            deserialize = request_type.FromString
         handlers[method.name] = factory(
             implementation,
-            request_deserializer=request_type.FromString,
+            request_deserializer=tolerant(deserialize, method.input_type.full_name),
             response_serializer=response_type.SerializeToString,
         )
     return grpc.method_handlers_generic_handler(service.full_name, handlers)

@@ -1,0 +1,152 @@
+"""The server's cost per large request when the model costs nothing: transport and decoding.
+
+    python scripts/transport_benchmark.py                         # this checkout, ~1 minute
+    python scripts/transport_benchmark.py --against ../old-tree   # A/B with another checkout
+    python scripts/transport_benchmark.py --ceiling               # and grpc_ceiling.py's bound
+
+The model averages a 3x224x224 FP32 image (602 KB, ResNet's input), so nearly
+all of a request's cost is receiving, decoding, batching and answering it: the
+part of serving an image model that no GPU speeds up. The server runs on
+--server-cpus and perf_analyzer on --client-cpus; rounds alternate between the
+trees (make the other one with `git worktree add DIR COMMIT`) so that a shared
+machine's drift falls on both alike. It prints each round and the medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import benchmark  # noqa: E402  (server runner and perf_analyzer driver)
+
+MODEL = "image_mean"
+CONFIG = f"""name: "{MODEL}"
+platform: "onnxruntime_onnx"
+max_batch_size: 128
+input [ {{ name: "image" data_type: TYPE_FP32 dims: [ 3, 224, 224 ] }} ]
+output [ {{ name: "mean" data_type: TYPE_FP32 dims: [ 1 ] }} ]
+dynamic_batching {{ }}
+"""
+
+
+def write_repository(root: Path) -> Path:
+    """A repository with one model: the mean of each image, shape [batch, 1]."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceMean", ["image"], ["means"], axes=[1, 2, 3], keepdims=1),
+            helper.make_node("Reshape", ["means", "rows_by_one"], ["mean"]),
+        ],
+        MODEL,
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 224, 224])],
+        [helper.make_tensor_value_info("mean", TensorProto.FLOAT, ["batch", 1])],
+        [helper.make_tensor("rows_by_one", TensorProto.INT64, [2], [-1, 1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    folder = root / MODEL
+    (folder / "1").mkdir(parents=True)
+    onnx.save(model, str(folder / "1" / "model.onnx"))
+    (folder / "config.pbtxt").write_text(CONFIG)
+    return root
+
+
+def cpu_list(text: str) -> set[int]:
+    return {int(cpu) for cpu in text.split(",") if cpu}
+
+
+def main() -> int:
+    available = sorted(os.sched_getaffinity(0))
+    half = max(1, len(available) // 2)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--against", type=Path, help="another checkout to alternate with")
+    parser.add_argument("--ceiling", action="store_true", help="also grpc_ceiling.py (this tree)")
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=6.0, help="per measurement")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument(
+        "--server-cpus", type=cpu_list, default=set(available[:half]), help="e.g. 0 or 0,1"
+    )
+    parser.add_argument("--client-cpus", type=cpu_list, default=set(available[half:] or available))
+    options = parser.parse_args()
+
+    runs: dict[str, dict[str, object]] = {"this": {"tree": ROOT}}
+    if options.against is not None:
+        if not (options.against / "service" / "__main__.py").exists():
+            parser.error(f"{options.against} is not a checkout of this project")
+        runs["against"] = {"tree": options.against.resolve()}
+    if options.ceiling:
+        runs["ceiling"] = {"tree": ROOT, "entry": [str(ROOT / "scripts" / "grpc_ceiling.py")]}
+    results: dict[str, list[float]] = {name: [] for name in runs}
+
+    os.sched_setaffinity(0, options.client_cpus)  # perf_analyzer inherits it
+    with tempfile.TemporaryDirectory() as scratch:
+        repository = write_repository(Path(scratch))
+        for round_number in range(1, options.rounds + 1):
+            for name, run in runs.items():
+                server = benchmark.Server(
+                    repository,
+                    metrics=False,
+                    entry=run.get("entry"),  # type: ignore[arg-type]
+                    tree=run["tree"],  # type: ignore[arg-type]
+                    cpus=options.server_cpus,
+                )
+                try:
+                    # perf_analyzer gives up when its windows disagree by over 100%,
+                    # which a shared machine sometimes causes: one more try, then skip.
+                    point = benchmark.perf_analyzer(
+                        server.url, MODEL, options.concurrency, options.seconds
+                    ) or benchmark.perf_analyzer(
+                        server.url, MODEL, options.concurrency, options.seconds
+                    )
+                finally:
+                    server.stop()
+                if point is None:
+                    print(f"round {round_number} {name:8} no measurement", flush=True)
+                    results[name].append(math.nan)
+                    continue
+                results[name].append(point.throughput)
+                print(
+                    f"round {round_number} {name:8} {point.throughput:8,.0f} infer/s  "
+                    f"p50 {point.p50_ms:6.1f} ms  p99 {point.p99_ms:6.1f} ms",
+                    flush=True,
+                )
+    print(
+        f"\n{MODEL} (602 KB per request), concurrency {options.concurrency}, server on CPUs "
+        f"{sorted(options.server_cpus)}, client on {sorted(options.client_cpus)}; medians:"
+    )
+    medians = {
+        name: statistics.median([v for v in values if not math.isnan(v)] or [math.nan])
+        for name, values in results.items()
+    }
+    for name, value in medians.items():
+        print(f"  {name:8} {value:8,.0f} infer/s   ({runs[name]['tree']})")
+    if "against" in medians:
+        pairs = [
+            (a, b)
+            for a, b in zip(results["this"], results["against"], strict=True)
+            if not (math.isnan(a) or math.isnan(b))
+        ]
+        wins = sum(a > b for a, b in pairs)
+        print(
+            f"  this / against: {medians['this'] / medians['against']:.2f}x "
+            f"(this tree faster in {wins} of {len(pairs)} measured rounds)"
+        )
+    if "ceiling" in medians:
+        print(f"  this / ceiling: {medians['this'] / medians['ceiling']:.0%}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
