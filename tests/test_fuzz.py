@@ -289,3 +289,51 @@ def test_malformed_requests_never_crash_the_server_or_answer_internal(
         for model in ("numeric", "text"):
             statistics = client.get_inference_statistics(model)
             assert statistics.model_stats[0].inference_stats.success.count > 0, model
+
+
+DAMAGED_REQUESTS = 500
+damaged_sent: list[int] = []
+
+
+@settings(
+    max_examples=DAMAGED_REQUESTS,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(
+    plan=plans(),
+    flips=st.lists(st.tuples(st.integers(0, 2**16), st.integers(0, 255)), max_size=4),
+    cut=st.integers(0, 40),
+    large=st.booleans(),
+)
+def _damaged(
+    call: grpc.UnaryUnaryMultiCallable,
+    plan: Plan,
+    flips: list[tuple[int, int]],
+    cut: int,
+    large: bool,
+) -> None:
+    head = bytearray(plan.request.SerializeToString())
+    for offset, value in flips:
+        if head:
+            head[offset % len(head)] = value
+    # A large raw entry sends the request down the zero-copy path (service/grpc_api/wire.py).
+    tail = Request(raw_input_contents=[bytes(70_000)]).SerializeToString() if large else b""
+    body = bytes(head + tail)
+    damaged_sent.append(1)
+    try:
+        service_pb2.ModelInferResponse.FromString(call(body[: len(body) - cut], timeout=30))
+    except grpc.RpcError as error:
+        code = error.code()  # type: ignore[attr-defined]
+        details = error.details() or ""  # type: ignore[attr-defined]
+        assert code in CLIENT_ERRORS, (code, details, body[:200])
+        assert details, f"{code} without a message"
+
+
+def test_damaged_wire_bytes_get_client_errors(fuzz_server: ServerThread) -> None:
+    """Requests damaged on the wire (flipped bytes, cut short): never UNKNOWN or INTERNAL."""
+    with grpc.insecure_channel(fuzz_server.url) as channel:
+        _damaged(channel.unary_unary("/inference.GRPCInferenceService/ModelInfer"))
+    assert len(damaged_sent) >= DAMAGED_REQUESTS
+    with fuzz_server.client() as client:
+        assert client.is_server_live() and client.is_server_ready()

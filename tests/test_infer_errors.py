@@ -475,7 +475,7 @@ def test_execution_count_includes_runs_that_fail_in_onnxruntime(stub: object) ->
     ("method", "body", "reason"),
     [
         ("ModelInfer", b"\xff" * 10, "Wire format was corrupt"),
-        ("ModelInfer", b"\x3a\x80\x80\x04" + bytes(70_000), "Wire format was corrupt"),
+        ("ModelInfer", b"\x3a\x80\x80\x08" + bytes(70_000), "Wire format was corrupt"),
         ("ModelInfer", b"\x0a\x02\xff\xfe" + b"\x3a\x80\x80\x04" + bytes(65_536), "bad UTF-8"),
         ("ModelMetadata", b"\x0a\x02\xff\xfe", "bad UTF-8"),
     ],

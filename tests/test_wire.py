@@ -92,11 +92,15 @@ def test_split_matches_protobuf_on_valid_messages(pieces: list[bytes]) -> None:
 def test_damaged_messages_fail_or_parse_as_protobuf_does(
     pieces: list[bytes], flips: list[tuple[int, int]], cut: int
 ) -> None:
-    padding = pb.ModelInferRequest(raw_input_contents=[bytes(SPLIT_MIN_BYTES)])
-    damaged = bytearray(b"".join(pieces) + padding.SerializeToString())
+    head = bytearray(b"".join(pieces))
     for offset, value in flips:
-        damaged[offset % len(damaged)] = value
-    data = bytes(damaged[: len(damaged) - cut % 64])
+        if head:
+            head[offset % len(head)] = value
+    if cut % 3 == 0:  # a third of the time, cut short before the entry below
+        del head[len(head) - cut % max(1, len(head)) :]
+    # A large entry after the damage, so that the walk (not protobuf alone) reads it.
+    padding = pb.ModelInferRequest(raw_input_contents=[bytes(SPLIT_MIN_BYTES)])
+    data = bytes(head) + padding.SerializeToString()
     received = tolerant(receive_infer_request, "inference.ModelInferRequest")(data)
     try:
         _expected(data)
@@ -139,6 +143,9 @@ def test_small_requests_are_parsed_by_protobuf_alone() -> None:
         (b"\x00\x01", "invalid field number 0"),
         (b"\x0a\x10ab", "truncated field"),
         (b"\x08" + b"\xff" * 10, "varint longer than 10 bytes"),
+        (b"\xba\x80\x80\x80\x80\x00\x00", "varint longer than 5 bytes"),  # field 7's tag
+        (b"\x3a\x80\x80\x84\x80\x80\x00", "varint longer than 5 bytes"),  # its length
+        (b"\x78\x00" * 1025, "more than 1024 top-level fields"),
         (b"\x08\xff", "truncated varint"),
     ],
 )
@@ -151,6 +158,30 @@ def test_a_refused_walk_falls_back_to_protobuf() -> None:
     # Field 7 as a varint: not bytes, so the walk gives up; protobuf decides.
     data = b"\x38\x01" + pb.ModelInferRequest(model_name="m").SerializeToString()
     data += pb.ModelInferRequest(raw_input_contents=[bytes(SPLIT_MIN_BYTES)]).SerializeToString()
+    received = tolerant(receive_infer_request, "inference.ModelInferRequest")(data)
+    try:
+        _expected(data)
+    except Exception:
+        assert isinstance(received, MalformedRequest)
+    else:
+        assert isinstance(received, ReceivedInferRequest)
+        _same(received, data)
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"\xba\x80\x80\x80\x80\x00\x80\x80\x04",  # field 7's tag in 6 bytes
+        b"\x3a\x80\x80\x84\x80\x80\x00",  # its length in 6 bytes
+        b"\x78\x00" * 40_000,  # many tiny fields: protobuf walks them, not Python
+        b"\x78\x00" * 1023,  # the most fields the walk takes, with the entry below
+    ],
+    ids=["long-tag", "long-length", "many-fields", "most-fields"],
+)
+def test_unusual_encodings_end_as_protobuf_decides(head: bytes) -> None:
+    data = (
+        head + pb.ModelInferRequest(raw_input_contents=[bytes(SPLIT_MIN_BYTES)]).SerializeToString()
+    )
     received = tolerant(receive_infer_request, "inference.ModelInferRequest")(data)
     try:
         _expected(data)

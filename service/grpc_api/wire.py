@@ -6,8 +6,8 @@ call waits for it (about a tenth of the loop's time per ResNet-sized request).
 Large requests are therefore split first: the top level of the message is walked
 on the wire, the `raw_input_contents` entries become `memoryview`s of the
 received buffer (numpy reads them in place), and protobuf parses only the rest.
-Any input the walk does not understand is parsed by protobuf whole, so malformed
-messages fail exactly as they would have without this module.
+Any input the walk does not understand, or that has more top-level fields than a
+real request, is parsed by protobuf whole: protobuf alone decides what is malformed.
 """
 
 from __future__ import annotations
@@ -25,8 +25,13 @@ RAW_INPUT_CONTENTS_FIELD = 7
 # Below this size the copies protobuf makes cost less than walking the message.
 SPLIT_MIN_BYTES = 64 * 1024
 
+# A real request has a handful of fields plus one per input, output and raw entry.
+MAX_WALKED_FIELDS = 1024
+
 _VARINT, _FIXED64, _LENGTH_DELIMITED, _FIXED32 = 0, 1, 2, 5
 _MAX_FIELD_NUMBER = (1 << 29) - 1
+# protobuf refuses tags and lengths encoded in more than 5 bytes; other varints take 10.
+_MAX_KEY_OR_LENGTH_BYTES = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,48 +93,61 @@ def split_raw_inputs(data: bytes) -> tuple[bytes, list[memoryview]]:
 
     Returns the other fields, re-joined in their order (a message protobuf parses
     to the same thing less those entries), and the entries as views of `data`.
-    Raises ValueError on anything but well-formed fields of wire types 0, 1, 2, 5.
+    Raises ValueError on anything but well-formed fields of wire types 0, 1, 2, 5,
+    and on more than MAX_WALKED_FIELDS fields.
     """
     view = memoryview(data)
-    rest: list[memoryview] = []
+    rest: list[memoryview] = []  # runs of other fields, each as one span
     raw: list[memoryview] = []
     end = len(data)
     position = 0
-    while position < end:
-        start = position
-        key, position = _read_varint(data, position)
+    run_start = 0
+    for _ in range(MAX_WALKED_FIELDS):
+        if position >= end:
+            break
+        field_start = position
+        key, position = _read_varint(data, position, _MAX_KEY_OR_LENGTH_BYTES)
         field, wire_type = key >> 3, key & 7
         if field == 0 or field > _MAX_FIELD_NUMBER:
             raise ValueError(f"invalid field number {field}")
+        if field == RAW_INPUT_CONTENTS_FIELD:
+            if wire_type != _LENGTH_DELIMITED:
+                raise ValueError("raw_input_contents with a wire type other than bytes")
+            length, position = _read_varint(data, position, _MAX_KEY_OR_LENGTH_BYTES)
+            if position + length > end:
+                raise ValueError("truncated raw_input_contents entry")
+            if run_start < field_start:
+                rest.append(view[run_start:field_start])
+            raw.append(view[position : position + length])
+            position += length
+            run_start = position
+            continue
         if wire_type == _VARINT:
-            _, position = _read_varint(data, position)
+            _, position = _read_varint(data, position, 10)
         elif wire_type == _FIXED64:
             position += 8
         elif wire_type == _FIXED32:
             position += 4
         elif wire_type == _LENGTH_DELIMITED:
-            length, position = _read_varint(data, position)
-            if field == RAW_INPUT_CONTENTS_FIELD:
-                if position + length > end:
-                    raise ValueError("truncated raw_input_contents entry")
-                raw.append(view[position : position + length])
-                position += length
-                continue
+            length, position = _read_varint(data, position, _MAX_KEY_OR_LENGTH_BYTES)
             position += length
         else:
             raise ValueError(f"unsupported wire type {wire_type}")
-        if field == RAW_INPUT_CONTENTS_FIELD:
-            raise ValueError("raw_input_contents with a wire type other than bytes")
         if position > end:
             raise ValueError("truncated field")
-        rest.append(view[start:position])
+    else:
+        if position < end:
+            # Each field costs Python time on the event loop: a body of many tiny fields
+            # is left to protobuf, which walks it in C.
+            raise ValueError(f"more than {MAX_WALKED_FIELDS} top-level fields")
+    if run_start < end:
+        rest.append(view[run_start:end])
     return b"".join(rest), raw
 
 
-def _read_varint(data: bytes, position: int) -> tuple[int, int]:
+def _read_varint(data: bytes, position: int, max_bytes: int) -> tuple[int, int]:
     value = 0
-    shift = 0
-    while shift < 64:
+    for shift in range(0, 7 * max_bytes, 7):
         if position >= len(data):
             raise ValueError("truncated varint")
         byte = data[position]
@@ -137,5 +155,4 @@ def _read_varint(data: bytes, position: int) -> tuple[int, int]:
         value |= (byte & 0x7F) << shift
         if byte < 0x80:
             return value, position
-        shift += 7
-    raise ValueError("varint longer than 10 bytes")
+    raise ValueError(f"varint longer than {max_bytes} bytes")
