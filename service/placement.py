@@ -95,12 +95,15 @@ def plan_placement(
     defaults: GpuDefaults,
     tensorrt_libraries: bool,
     model_dir: Path,
+    kind_auto: bool = False,
 ) -> Placement:
     """Providers per device from `instance_group` and the GPU accelerators.
 
     `gpu_count` is what NVML (or CUDA_VISIBLE_DEVICES) says, None when unknown;
     `tensorrt_libraries` whether TensorRT's own libraries can be loaded, which
-    onnxruntime's provider list does not tell.
+    onnxruntime's provider list does not tell; `kind_auto` whether the model's
+    own config left the kind to the server (see `leaves_kind_to_server`), which a
+    config normalised to KIND_GPU no longer shows.
     """
     groups = list(config.instance_group)
     kinds = {group.kind for group in groups}
@@ -168,8 +171,19 @@ def plan_placement(
         chain.append((CUDA, cuda_options(gpu, cuda_parameters, defaults)))
         chain.append((CPU, {}))
         devices.append(Device(f"GPU {gpu}", gpu, tuple(chain)))
-    cpu_fallback = defaults.fallback_to_cpu or kind == mc.ModelInstanceGroup.KIND_AUTO
+    cpu_fallback = defaults.fallback_to_cpu or kind_auto or kind == mc.ModelInstanceGroup.KIND_AUTO
     return Placement(tuple(devices), count, tuple(notes), cpu_fallback)
+
+
+def leaves_kind_to_server(config: mc.ModelConfig) -> bool:
+    """KIND_AUTO, or no instance_group at all: the GPU if it works, else the CPU.
+
+    Judged on the config as written: normalisation turns KIND_AUTO into KIND_GPU
+    wherever onnxruntime lists CUDA, including a GPU image on a machine without a
+    GPU or driver, where CUDA then fails to start and the model must still load.
+    """
+    groups = config.instance_group
+    return not groups or any(g.kind == mc.ModelInstanceGroup.KIND_AUTO for g in groups)
 
 
 def _gpu_accelerators(config: mc.ModelConfig) -> dict[str, dict[str, str]]:

@@ -40,7 +40,7 @@ from .model_config import (
     read_config,
     validate_config,
 )
-from .placement import CUDA, GpuDefaults, plan_placement
+from .placement import CUDA, GpuDefaults, leaves_kind_to_server, plan_placement
 from .protocol import model_config_pb2 as mc
 from .runtime import OnnxSession, available_providers, session_options
 from .settings import Settings
@@ -388,6 +388,7 @@ class ModelRegistry:
             gpu_defaults,
             tensorrt_libraries_present(),
             model_dir,
+            kind_auto=leaves_kind_to_server(raw),
         )
         options = session_options(normalized, model_dir, self._settings.onnxruntime_spinning)
         sessions = [

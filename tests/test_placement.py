@@ -349,6 +349,51 @@ def test_fallback_serves_a_gpu_model_on_cpu_and_reports_the_provider(
     assert any("--gpu-fallback-to-cpu" in w and "doubler" in w for w in warnings)
 
 
+@pytest.mark.skipif(CUDA in available_providers(), reason="this machine has CUDA")
+@pytest.mark.skipif(visible_gpu_count() is not None, reason="NVML or CUDA_VISIBLE_DEVICES here")
+@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider'")
+@pytest.mark.parametrize(
+    "head", ["instance_group [ { kind: KIND_AUTO } ]", ""], ids=["auto", "none"]
+)
+def test_gpu_image_without_a_gpu_loads_auto_models_on_the_cpu(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    head: str,
+) -> None:
+    """onnxruntime-gpu lists CUDA even where there is no driver (a GPU image on a CPU node):
+    a model that leaves the kind to the server tries CUDA, which does not start, and must
+    then serve on the CPU rather than fail its load."""
+    monkeypatch.setattr("service.repository.available_providers", lambda: [CUDA, CPU])
+    repository = _repository(tmp_path, head)
+    with (
+        caplog.at_level("WARNING", logger="service.repository"),
+        serve(repository) as server,
+        server.client() as client,
+    ):
+        _double(client)
+        served = client.get_model_config("doubler", as_json=True)["config"]
+        assert served["instance_group"][0]["kind"] == "KIND_CPU"
+        assert served["parameters"]["execution_provider"]["string_value"] == CPU
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("could not start CUDA" in w and "running on CPU" in w for w in warnings)
+
+
+@pytest.mark.skipif(CUDA in available_providers(), reason="this machine has CUDA")
+@pytest.mark.skipif(visible_gpu_count() is not None, reason="NVML or CUDA_VISIBLE_DEVICES here")
+@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider'")
+def test_gpu_image_without_a_gpu_still_fails_a_kind_gpu_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("service.repository.available_providers", lambda: [CUDA, CPU])
+    repository = _repository(tmp_path, GPU_GROUP)
+    with serve(repository) as server, server.client() as client:
+        assert not client.is_model_ready("doubler")
+        (entry,) = client.get_model_repository_index(as_json=True)["models"]
+        assert "could not start CUDA" in entry["reason"]
+        assert "--gpu-fallback-to-cpu" in entry["reason"]
+
+
 def test_warmup_runs_every_batch_size_the_batcher_can_form(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
