@@ -269,6 +269,24 @@ def measure_raw_one_by_one(onnx: Path, lengths: list[int]) -> Raw:
 # ------------------------------------------------------------------------- server ---
 
 
+def cpu_list(text: str) -> set[int]:
+    """'0', '0,2' or '0-3' as a set of CPU numbers."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        low, _, high = part.partition("-")
+        cpus.update(range(int(low), int(high or low) + 1))
+    return cpus
+
+
+def split_cpus(server: str | None, client: str | None) -> tuple[set[int], set[int]]:
+    """The server's and the client's CPUs: as given, else halves of ours."""
+    available = sorted(os.sched_getaffinity(0))
+    half = max(1, len(available) // 2)
+    server_cpus = cpu_list(server) if server else set(available[:half])
+    client_cpus = cpu_list(client) if client else set(available[half:] or available)
+    return server_cpus, client_cpus
+
+
 class Server:
     """`python -m service serve` on the benchmark repository, ports read from its log."""
 

@@ -49,6 +49,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+from benchmark import split_cpus  # scripts/: CPU lists shared with the benchmarks
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -245,27 +246,10 @@ def _warn_if_client_lagged(windows: list[dict[str, Any]]) -> None:
         )
 
 
-def _cpu_list(text: str) -> set[int]:
-    cpus: set[int] = set()
-    for part in text.split(","):
-        low, _, high = part.partition("-")
-        cpus.update(range(int(low), int(high or low) + 1))
-    return cpus
-
-
-def _split_cpus(server: str | None, client: str | None) -> tuple[set[int], set[int]]:
-    """The server's and the client's CPUs: as given, else halves of ours."""
-    available = sorted(os.sched_getaffinity(0))
-    half = max(1, len(available) // 2)
-    server_cpus = _cpu_list(server) if server else set(available[:half])
-    client_cpus = _cpu_list(client) if client else set(available[half:] or available)
-    return server_cpus, client_cpus
-
-
 async def run(arguments: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {"model": MODEL, "arguments": vars(arguments)}
     repository, log_path = _repository(arguments.queue_size)
-    server_cpus, client_cpus = _split_cpus(arguments.server_cpus, arguments.client_cpus)
+    server_cpus, client_cpus = split_cpus(arguments.server_cpus, arguments.client_cpus)
     results["server_cpus"], results["client_cpus"] = sorted(server_cpus), sorted(client_cpus)
     print(f"server on CPUs {sorted(server_cpus)}, client on CPUs {sorted(client_cpus)}")
     server = Server(repository, log_path, server_cpus, shlex.split(arguments.server_args))

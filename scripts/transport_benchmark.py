@@ -62,24 +62,17 @@ def write_repository(root: Path) -> Path:
     return root
 
 
-def cpu_list(text: str) -> set[int]:
-    return {int(cpu) for cpu in text.split(",") if cpu}
-
-
 def main() -> int:
-    available = sorted(os.sched_getaffinity(0))
-    half = max(1, len(available) // 2)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--against", type=Path, help="another checkout to alternate with")
     parser.add_argument("--ceiling", action="store_true", help="also grpc_ceiling.py (this tree)")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=6.0, help="per measurement")
     parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument(
-        "--server-cpus", type=cpu_list, default=set(available[:half]), help="e.g. 0 or 0,1"
-    )
-    parser.add_argument("--client-cpus", type=cpu_list, default=set(available[half:] or available))
+    parser.add_argument("--server-cpus", help="CPU list for the server, e.g. 0 or 0-3")
+    parser.add_argument("--client-cpus", help="CPU list for perf_analyzer, e.g. 1 or 4-7")
     options = parser.parse_args()
+    server_cpus, client_cpus = benchmark.split_cpus(options.server_cpus, options.client_cpus)
 
     runs: dict[str, dict[str, object]] = {"this": {"tree": ROOT}}
     if options.against is not None:
@@ -90,7 +83,7 @@ def main() -> int:
         runs["ceiling"] = {"tree": ROOT, "entry": [str(ROOT / "scripts" / "grpc_ceiling.py")]}
     results: dict[str, list[float]] = {name: [] for name in runs}
 
-    os.sched_setaffinity(0, options.client_cpus)  # perf_analyzer inherits it
+    os.sched_setaffinity(0, client_cpus)  # perf_analyzer inherits it
     with tempfile.TemporaryDirectory() as scratch:
         repository = write_repository(Path(scratch))
         for round_number in range(1, options.rounds + 1):
@@ -100,7 +93,7 @@ def main() -> int:
                     metrics=False,
                     entry=run.get("entry"),  # type: ignore[arg-type]
                     tree=run["tree"],  # type: ignore[arg-type]
-                    cpus=options.server_cpus,
+                    cpus=server_cpus,
                 )
                 try:
                     # perf_analyzer gives up when its windows disagree by over 100%,
@@ -124,7 +117,7 @@ def main() -> int:
                 )
     print(
         f"\n{MODEL} (602 KB per request), concurrency {options.concurrency}, server on CPUs "
-        f"{sorted(options.server_cpus)}, client on {sorted(options.client_cpus)}; medians:"
+        f"{sorted(server_cpus)}, client on {sorted(client_cpus)}; medians:"
     )
     medians = {
         name: statistics.median([v for v in values if not math.isnan(v)] or [math.nan])

@@ -72,6 +72,24 @@ def _same(received: ReceivedInferRequest, data: bytes) -> None:
     )
 
 
+LARGE_ENTRY = pb.ModelInferRequest(raw_input_contents=[bytes(SPLIT_MIN_BYTES)]).SerializeToString()
+
+
+def _decided_as_protobuf_decides(data: bytes) -> None:
+    """The server's deserializer on `data`: malformed exactly where protobuf refuses it."""
+    received = tolerant(receive_infer_request, "inference.ModelInferRequest")(data)
+    try:
+        _expected(data)
+    except Exception:
+        assert isinstance(received, MalformedRequest)
+        assert received.describe().startswith(
+            "the request is not a valid inference.ModelInferRequest message: "
+        )
+        return
+    assert isinstance(received, ReceivedInferRequest)
+    _same(received, data)
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_chunks())
 @example(  # two parameters: protobuf may serialize a map in another order than it read it
@@ -99,19 +117,7 @@ def test_damaged_messages_fail_or_parse_as_protobuf_does(
     if cut % 3 == 0:  # a third of the time, cut short before the entry below
         del head[len(head) - cut % max(1, len(head)) :]
     # A large entry after the damage, so that the walk (not protobuf alone) reads it.
-    padding = pb.ModelInferRequest(raw_input_contents=[bytes(SPLIT_MIN_BYTES)])
-    data = bytes(head) + padding.SerializeToString()
-    received = tolerant(receive_infer_request, "inference.ModelInferRequest")(data)
-    try:
-        _expected(data)
-    except Exception:
-        assert isinstance(received, MalformedRequest)
-        assert received.describe().startswith(
-            "the request is not a valid inference.ModelInferRequest message: "
-        )
-        return
-    assert isinstance(received, ReceivedInferRequest)
-    _same(received, data)
+    _decided_as_protobuf_decides(bytes(head) + LARGE_ENTRY)
 
 
 def test_large_raw_contents_are_views_of_the_received_bytes() -> None:
@@ -154,39 +160,17 @@ def test_the_walk_refuses_what_it_does_not_understand(data: bytes, why: str) -> 
         split_raw_inputs(data)
 
 
-def test_a_refused_walk_falls_back_to_protobuf() -> None:
-    # Field 7 as a varint: not bytes, so the walk gives up; protobuf decides.
-    data = b"\x38\x01" + pb.ModelInferRequest(model_name="m").SerializeToString()
-    data += pb.ModelInferRequest(raw_input_contents=[bytes(SPLIT_MIN_BYTES)]).SerializeToString()
-    received = tolerant(receive_infer_request, "inference.ModelInferRequest")(data)
-    try:
-        _expected(data)
-    except Exception:
-        assert isinstance(received, MalformedRequest)
-    else:
-        assert isinstance(received, ReceivedInferRequest)
-        _same(received, data)
-
-
 @pytest.mark.parametrize(
     "head",
     [
+        # Field 7 as a varint: not bytes, so the walk gives up; protobuf decides.
+        b"\x38\x01" + pb.ModelInferRequest(model_name="m").SerializeToString(),
         b"\xba\x80\x80\x80\x80\x00\x80\x80\x04",  # field 7's tag in 6 bytes
         b"\x3a\x80\x80\x84\x80\x80\x00",  # its length in 6 bytes
         b"\x78\x00" * 40_000,  # many tiny fields: protobuf walks them, not Python
         b"\x78\x00" * 1023,  # the most fields the walk takes, with the entry below
     ],
-    ids=["long-tag", "long-length", "many-fields", "most-fields"],
+    ids=["field-7-varint", "long-tag", "long-length", "many-fields", "most-fields"],
 )
 def test_unusual_encodings_end_as_protobuf_decides(head: bytes) -> None:
-    data = (
-        head + pb.ModelInferRequest(raw_input_contents=[bytes(SPLIT_MIN_BYTES)]).SerializeToString()
-    )
-    received = tolerant(receive_infer_request, "inference.ModelInferRequest")(data)
-    try:
-        _expected(data)
-    except Exception:
-        assert isinstance(received, MalformedRequest)
-    else:
-        assert isinstance(received, ReceivedInferRequest)
-        _same(received, data)
+    _decided_as_protobuf_decides(head + LARGE_ENTRY)
