@@ -3,6 +3,8 @@
     python scripts/transport_benchmark.py                         # this checkout, ~1 minute
     python scripts/transport_benchmark.py --against ../old-tree   # A/B with another checkout
     python scripts/transport_benchmark.py --ceiling               # and grpc_ceiling.py's bound
+    python scripts/transport_benchmark.py --fixed-cost 384 --concurrency 32 \
+        --server-cpus 0-1 --client-cpus 1                         # GPU-like: batches form
 
 The model averages a 3x224x224 FP32 image (602 KB, ResNet's input), so nearly
 all of a request's cost is receiving, decoding, batching and answering it: the
@@ -10,6 +12,13 @@ part of serving an image model that no GPU speeds up. The server runs on
 --server-cpus and perf_analyzer on --client-cpus; rounds alternate between the
 trees (make the other one with `git worktree add DIR COMMIT`) so that a shared
 machine's drift falls on both alike. It prints each round and the medians.
+
+Such a cheap model answers every request before the next arrives, so batches
+hardly form. `--fixed-cost N` adds work that does not grow with the batch (two
+NxN matrix products on one thread; 384 is about 2.4 ms here), as a GPU's run
+does not: requests then queue and merge, and each round also prints the
+server's mean batch and its time per batch merging inputs ("merge"), running
+the model and encoding outputs, from ModelStatistics.
 """
 
 from __future__ import annotations
@@ -35,22 +44,46 @@ input [ {{ name: "image" data_type: TYPE_FP32 dims: [ 3, 224, 224 ] }} ]
 output [ {{ name: "mean" data_type: TYPE_FP32 dims: [ 1 ] }} ]
 dynamic_batching {{ }}
 """
+# The fixed cost runs on the instance thread alone, as a GPU run occupies one thread.
+ONE_THREAD = 'parameters { key: "intra_op_thread_count" value: { string_value: "1" } }\n'
 
 
-def write_repository(root: Path) -> Path:
-    """A repository with one model: the mean of each image, shape [batch, 1]."""
+def write_repository(root: Path, fixed_cost: int = 0) -> Path:
+    """A repository with one model: the mean of each image, shape [batch, 1].
+
+    With `fixed_cost` N, the mean also gets 0 x (sum of W @ W @ W) added, W being
+    N x N and scaled by the batch's mean so that onnxruntime cannot fold it away.
+    """
+    import numpy as np
     import onnx
-    from onnx import TensorProto, helper
+    from onnx import TensorProto, helper, numpy_helper
 
+    nodes = [
+        helper.make_node("ReduceMean", ["image"], ["means"], axes=[1, 2, 3], keepdims=1),
+        helper.make_node("Reshape", ["means", "rows_by_one"], ["mean" if not fixed_cost else "m"]),
+    ]
+    constants = [helper.make_tensor("rows_by_one", TensorProto.INT64, [2], [-1, 1])]
+    if fixed_cost:
+        weights = np.random.default_rng(0).standard_normal((fixed_cost, fixed_cost))
+        nodes += [
+            helper.make_node("ReduceMean", ["m"], ["scalar"], keepdims=0),
+            helper.make_node("Mul", ["w", "scalar"], ["scaled"]),
+            helper.make_node("MatMul", ["scaled", "w"], ["once"]),
+            helper.make_node("MatMul", ["once", "w"], ["twice"]),
+            helper.make_node("ReduceSum", ["twice"], ["total"], keepdims=0),
+            helper.make_node("Mul", ["total", "zero"], ["nothing"]),
+            helper.make_node("Add", ["m", "nothing"], ["mean"]),
+        ]
+        constants += [
+            numpy_helper.from_array((weights / fixed_cost).astype(np.float32), "w"),
+            numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+        ]
     graph = helper.make_graph(
-        [
-            helper.make_node("ReduceMean", ["image"], ["means"], axes=[1, 2, 3], keepdims=1),
-            helper.make_node("Reshape", ["means", "rows_by_one"], ["mean"]),
-        ],
+        nodes,
         MODEL,
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 224, 224])],
         [helper.make_tensor_value_info("mean", TensorProto.FLOAT, ["batch", 1])],
-        [helper.make_tensor("rows_by_one", TensorProto.INT64, [2], [-1, 1])],
+        constants,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
@@ -58,8 +91,43 @@ def write_repository(root: Path) -> Path:
     folder = root / MODEL
     (folder / "1").mkdir(parents=True)
     onnx.save(model, str(folder / "1" / "model.onnx"))
-    (folder / "config.pbtxt").write_text(CONFIG)
+    (folder / "config.pbtxt").write_text(CONFIG + (ONE_THREAD if fixed_cost else ""))
     return root
+
+
+def server_side(url: str) -> dict[str, int]:
+    """Cumulative batches, their rows and nanoseconds per phase, from ModelStatistics.
+
+    Read from `batch_stats` (one count per execution): `inference_stats` adds each
+    batch's durations once for every request in it, as Triton's does.
+    """
+    import tritonclient.grpc as grpcclient
+
+    with grpcclient.InferenceServerClient(url) as client:
+        stats = client.get_inference_statistics(MODEL, as_json=True)["model_stats"][0]
+    phases = ("compute_input", "compute_infer", "compute_output")
+    totals = dict.fromkeys(("batches", "rows", *phases), 0)
+    for entry in stats.get("batch_stats", []):
+        count = int(entry.get("compute_infer", {}).get("count", 0))
+        totals["batches"] += count
+        totals["rows"] += count * int(entry["batch_size"])
+        for phase in phases:
+            totals[phase] += int(entry.get(phase, {}).get("ns", 0))
+    return totals
+
+
+def per_batch(before: dict[str, int], after: dict[str, int]) -> str:
+    """Mean batch and milliseconds per batch of each phase, between two snapshots."""
+    delta = {key: after[key] - before[key] for key in after}
+    batches = delta["batches"]
+    if not batches:
+        return ""
+    return (
+        f"  batch {delta['rows'] / batches:5.1f}  per batch: merge "
+        f"{delta['compute_input'] / batches / 1e6:5.2f} ms  run "
+        f"{delta['compute_infer'] / batches / 1e6:5.2f} ms  encode "
+        f"{delta['compute_output'] / batches / 1e6:5.2f} ms"
+    )
 
 
 def main() -> int:
@@ -71,6 +139,13 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--server-cpus", help="CPU list for the server, e.g. 0 or 0-3")
     parser.add_argument("--client-cpus", help="CPU list for perf_analyzer, e.g. 1 or 4-7")
+    parser.add_argument(
+        "--fixed-cost",
+        type=int,
+        default=0,
+        metavar="N",
+        help="add a per-batch cost that does not grow with the batch (N x N products)",
+    )
     options = parser.parse_args()
     server_cpus, client_cpus = benchmark.split_cpus(options.server_cpus, options.client_cpus)
 
@@ -85,7 +160,7 @@ def main() -> int:
 
     os.sched_setaffinity(0, client_cpus)  # perf_analyzer inherits it
     with tempfile.TemporaryDirectory() as scratch:
-        repository = write_repository(Path(scratch))
+        repository = write_repository(Path(scratch), options.fixed_cost)
         for round_number in range(1, options.rounds + 1):
             for name, run in runs.items():
                 server = benchmark.Server(
@@ -95,7 +170,9 @@ def main() -> int:
                     tree=run["tree"],  # type: ignore[arg-type]
                     cpus=server_cpus,
                 )
+                counted = name != "ceiling"  # the ceiling server keeps no statistics
                 try:
+                    before = server_side(server.url) if counted else None
                     # perf_analyzer gives up when its windows disagree by over 100%,
                     # which a shared machine sometimes causes: one more try, then skip.
                     point = benchmark.perf_analyzer(
@@ -103,6 +180,7 @@ def main() -> int:
                     ) or benchmark.perf_analyzer(
                         server.url, MODEL, options.concurrency, options.seconds
                     )
+                    after = server_side(server.url) if counted else None
                 finally:
                     server.stop()
                 if point is None:
@@ -112,7 +190,8 @@ def main() -> int:
                 results[name].append(point.throughput)
                 print(
                     f"round {round_number} {name:8} {point.throughput:8,.0f} infer/s  "
-                    f"p50 {point.p50_ms:6.1f} ms  p99 {point.p99_ms:6.1f} ms",
+                    f"p50 {point.p50_ms:6.1f} ms  p99 {point.p99_ms:6.1f} ms"
+                    + (per_batch(before, after) if before and after else ""),
                     flush=True,
                 )
     print(

@@ -5,12 +5,15 @@ along the batch dimension (padding the inputs the config declares paddable to
 the longest in the batch), turns them into model-shaped feeds (config
 `reshape`), runs the session once, then splits every output back per request,
 cuts padded dimensions back to each request's own size, checks the shapes
-against the configuration and encodes the result.
+against the configuration and encodes the result. Merged inputs are written into
+the instance thread's staging buffers (see `staging`), page-locked for GPU
+sessions unless that is turned off.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 from collections.abc import Sequence
@@ -22,8 +25,12 @@ from .datatypes import encode_raw, format_shape
 from .errors import InvalidInputError, ModelExecutionError
 from .inference import InferenceRequest, InferenceResult, OutputTensor
 from .model_config import ModelSignature, TensorSpec
+from .pinned import shared_allocator
 from .runtime import OnnxSession
+from .staging import StagingArea, pageable
 from .statistics import RequestTimings
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -35,7 +42,12 @@ class BatchOutcome:
 
 class ModelRunner:
     def __init__(
-        self, sessions: Sequence[OnnxSession], signature: ModelSignature, label: str
+        self,
+        sessions: Sequence[OnnxSession],
+        signature: ModelSignature,
+        label: str,
+        staging_limit_bytes: int = 0,
+        pinned_staging: bool = False,
     ) -> None:
         # One session per device; each instance thread keeps the one it was dealt first,
         # so instances spread evenly over the devices (Triton's count per GPU).
@@ -44,6 +56,8 @@ class ModelRunner:
         self._local = threading.local()
         self._signature = signature
         self._label = label
+        self._staging_limit = staging_limit_bytes
+        self._pinned_staging = pinned_staging
         # For each padded symbol (e.g. "sequence"), the outputs' axes that follow it.
         self._padded_symbols: set[str | None] = {
             spec.symbols[axis]
@@ -92,30 +106,70 @@ class ModelRunner:
             self._local.session = session
         return session
 
+    def thread_staging(self) -> StagingArea:
+        """The calling instance thread's staging buffers (made on its first call).
+
+        Page-locked for a GPU session when allowed and the CUDA runtime can be
+        reached; otherwise ordinary memory, with the reason logged once per thread.
+        """
+        staging: StagingArea | None = getattr(self._local, "staging", None)
+        if staging is None:
+            session = self.thread_session()
+            allocate = pageable
+            if self._pinned_staging and session.gpu is not None:
+                allocator, problem = shared_allocator()
+                if allocator is not None:
+                    gpu = session.gpu
+
+                    def allocate(nbytes: int) -> np.ndarray:
+                        return allocator.allocate(nbytes, gpu)
+                else:
+                    log.warning("%s: staging in ordinary memory: %s", self._label, problem)
+            staging = StagingArea(allocate, self._staging_limit, self._label)
+            self._local.staging = staging
+        return staging
+
     # ------------------------------------------------------------- inputs ---
 
     def _merge(
         self, name: str, batch: Sequence[InferenceRequest], outcome: BatchOutcome
     ) -> np.ndarray:
         arrays = [request.inputs[name] for request in batch]
-        outcome.elements += sum(a.size for a in arrays)
+        given = sum(a.size for a in arrays)
+        outcome.elements += given
         if len(arrays) == 1:
             return arrays[0]
+        dtype = arrays[0].dtype
+        if dtype.hasobject:  # BYTES (never paddable): Python objects, nothing to stage
+            return np.concatenate(arrays, axis=0)
+        rows = sum(int(a.shape[0]) for a in arrays)
+        # Requests batch together only with equal shapes, except along padded dims.
+        extent = tuple(int(d) for d in np.max([a.shape[1:] for a in arrays], axis=0))
+        shape = (rows, *extent)
+        merged = self.thread_staging().array(name, dtype, shape)
+        if merged is None:
+            merged = np.empty(shape, dtype=dtype)
         pad = self._signature.pad_values.get(name)
-        if pad is not None:
-            target = np.max([a.shape for a in arrays], axis=0)
-            padded = []
+        if pad is not None and merged.size > given:
+            merged.fill(pad)
+            outcome.padded_elements += merged.size - given
+            outcome.elements += merged.size - given
+            offset = 0
             for array in arrays:
-                widths = [(0, int(t) - s) for s, t in zip(array.shape, target, strict=True)]
-                widths[0] = (0, 0)
-                if any(after for _, after in widths):
-                    grown = np.pad(array, widths, constant_values=pad)
-                    outcome.padded_elements += grown.size - array.size
-                    outcome.elements += grown.size - array.size
-                    array = grown
-                padded.append(array)
-            arrays = padded
-        return np.concatenate(arrays, axis=0)
+                region = (slice(offset, offset + array.shape[0]), *map(slice, array.shape[1:]))
+                merged[region] = array
+                offset += array.shape[0]
+            return merged
+        # Byte copies through memoryviews hold the GIL: numpy releases it for every
+        # array it copies and must win it back from the busy event loop each time,
+        # which took 93 ms instead of 1 ms for 18 ResNet images (see `staging`).
+        target = merged.reshape(-1).view(np.uint8).data
+        offset = 0
+        for array in arrays:
+            source = np.ascontiguousarray(array).reshape(-1).view(np.uint8).data
+            target[offset : offset + source.nbytes] = source
+            offset += source.nbytes
+        return merged
 
     def _to_model_shape(self, name: str, array: np.ndarray, rows: int) -> np.ndarray:
         spec = self._signature.input(name)

@@ -79,6 +79,8 @@ class ModelVersion:
         instance_count: int,
         text_encoder: TextEncoder | None = None,
         histograms: bool = True,
+        staging_limit_bytes: int = 0,
+        pinned_staging: bool = False,
     ) -> None:
         self.name = name
         self.text_encoder = text_encoder
@@ -99,7 +101,9 @@ class ModelVersion:
         self.stats = ModelStats(histograms=histograms)
         self.load_seconds = 0.0
         self.latency_objective_seconds = latency_objective(config)
-        self.runner = ModelRunner(self.sessions, signature, self.label)
+        self.runner = ModelRunner(
+            self.sessions, signature, self.label, staging_limit_bytes, pinned_staging
+        )
         self.scheduler = Scheduler(
             self.runner,
             signature,
@@ -432,6 +436,8 @@ class ModelRegistry:
             placement.instances_per_device * len(sessions),
             encoder,
             histograms=self._settings.metrics_port >= 0,
+            staging_limit_bytes=self._settings.staging_buffer_limit_bytes,
+            pinned_staging=self._settings.cuda_pinned_staging,
         )
         if warmup_wanted(self._settings.warmup, config, session.on_gpu):
             loaded.warmup = _warm_up_instances(loaded)

@@ -223,6 +223,7 @@ class OnnxSession:
         self.provider = self._session.get_providers()[0]
         self.device = device.label
         self.on_gpu = self.provider in (CUDA, TENSORRT)
+        self.gpu = device.gpu if self.on_gpu else None
         all_tensors = (*self.graph.inputs, *self.graph.outputs, *self.graph.overridable)
         self._bf16 = {t.name for t in all_tensors if t.ort_type == "tensor(bfloat16)"}
         if self._bf16 and any(t.ort_type == "tensor(string)" for t in all_tensors):

@@ -179,6 +179,18 @@ class Settings:
         "run GPU sessions through IOBinding: each input copied to the device once, "
         "each output back once",
     )
+    staging_buffer_limit_bytes: int = _setting(
+        256 * 2**20,
+        "largest merged batch input (bytes) kept in a reusable per-instance-thread buffer; "
+        "larger ones are allocated per batch; 0 = allocate every batch",
+        low=0,
+        high=2**40,
+    )
+    cuda_pinned_staging: bool = _setting(
+        True,
+        "GPU sessions' staging buffers are page-locked (pinned), so a batch is copied to the "
+        "GPU by DMA",
+    )
     warmup: str = _setting(
         "gpu",
         "run the batch sizes (and sequence lengths) the batcher will form at load: off, "

@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -356,6 +357,82 @@ def test_variable_lengths_are_padded_together_and_cut_back(server: ServerThread)
     after = lineup.stats()
     assert after.execution_count - before.execution_count == 3  # busy, the four similar, the 50
     assert after.padded_elements > before.padded_elements  # 9, 10, 11 were padded to 12
+
+
+def _staged_bytes(lineup: Lineup) -> list[int]:
+    """What each instance thread holds in staging buffers (asked on those threads)."""
+    runner = lineup.version.runner
+    return lineup.version.scheduler.on_every_instance(lambda: runner.thread_staging().held_bytes)
+
+
+def test_a_shorter_padded_batch_in_a_reused_buffer_sees_none_of_the_earlier_batch(
+    server: ServerThread,
+) -> None:
+    """A batch is merged into a buffer its instance thread keeps; a later, smaller
+    batch takes the start of the same buffer. Its padding must be the pad value
+    again, not the tokens and mask the longer batch left there."""
+    lineup = Lineup(server, "tokens")
+    held = []
+    for lengths, base in (([40, 41, 42], 1000.0), ([5, 6, 7], 0.0)):
+        before = lineup.stats()
+        busy = lineup.submit("busy", token_inputs(4, 0, BUSY_STEPS))
+        lineup.wait_until(lambda: lineup.version.scheduler.running == 1)
+        waiting = [
+            lineup.submit(f"r{i}", token_inputs(n, base + 100.0 * i)) for i, n in enumerate(lengths)
+        ]
+        lineup.wait_queued(len(lengths))
+        for index, (length, future) in enumerate(zip(lengths, waiting, strict=True)):
+            result = future.result(60)
+            assert not isinstance(result, InferenceServerException), result
+            tokens = np.arange(length, dtype=np.float32) + base + 100.0 * index
+            np.testing.assert_array_equal(result.as_numpy("doubled"), 2 * tokens[None, :])
+            np.testing.assert_allclose(result.as_numpy("mean"), [[tokens.mean()]], rtol=1e-6)
+        busy.result(60)
+        assert lineup.stats().execution_count - before.execution_count == 2  # busy + one batch
+        held.append(_staged_bytes(lineup))
+    # The buffers grew for the first batch (3 x 42 FP32 tokens and mask) and the second
+    # batch ran in them, without growing them.
+    assert held[0][0] >= 2 * 3 * 42 * 4
+    assert held[1] == held[0]
+
+
+def test_batches_of_changing_sizes_in_reused_buffers_keep_answers_apart(
+    server: ServerThread,
+) -> None:
+    lineup = Lineup(server, "batched")
+    held = []
+    for size, base in ((6, 100.0), (2, 200.0), (8, 300.0), (3, 400.0)):
+        before = lineup.stats()
+        busy = lineup.hold()
+        waiting = [lineup.submit(f"r{i}", double_inputs(1, value=base + i)) for i in range(size)]
+        lineup.wait_queued(size)
+        for index, future in enumerate(waiting):
+            result = future.result(60)
+            assert not isinstance(result, InferenceServerException), result
+            np.testing.assert_array_equal(result.as_numpy("y"), np.full((1, 4), 2 * (base + index)))
+        busy.result(60)
+        assert lineup.stats().execution_count - before.execution_count == 2
+        held.append(_staged_bytes(lineup)[0])
+    # x (4 FP32) and steps (1 INT64) per row: at least the 8 rows of the largest batch,
+    # and no new buffer after it.
+    assert held[2] >= 8 * (4 * 4 + 8)
+    assert held[3] == held[2]
+
+
+def test_with_staging_off_batches_are_merged_into_fresh_arrays(tmp_path: Path) -> None:
+    build, config = MODELS["batched"]
+    models.save(build(), tmp_path, "batched", config=config)
+    with serve(tmp_path, staging_buffer_limit_bytes=0) as unstaged:
+        lineup = Lineup(unstaged, "batched")
+        busy = lineup.hold()
+        waiting = [lineup.submit(f"r{i}", double_inputs(1, value=i)) for i in range(5)]
+        lineup.wait_queued(5)
+        for index, future in enumerate(waiting):
+            np.testing.assert_array_equal(
+                future.result(60).as_numpy("y"), np.full((1, 4), 2 * index)
+            )
+        busy.result(60)
+        assert _staged_bytes(lineup) == [0]
 
 
 def gather_inputs(ids: list[int], steps: int = 0) -> list[grpcclient.InferInput]:

@@ -12,6 +12,7 @@ import re
 import shutil
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -188,3 +189,28 @@ def test_io_binding_and_plain_runs_agree(tmp_path: Path) -> None:
     with serve(repository, warmup="off") as bound:
         produced = _infer(bound, "digits_cnn", arrays)
     np.testing.assert_allclose(produced["probabilities"], expected["probabilities"], rtol=1e-6)
+
+
+def test_concurrent_batches_are_merged_in_page_locked_memory_and_match_the_cpu(
+    servers: tuple[ServerThread, ServerThread],
+) -> None:
+    """Batches merged on a GPU instance go through a pinned (cudaHostAlloc) staging buffer."""
+    cpu, gpu = servers
+    version = gpu.server.registry.resolve("digits_cnn", "")
+    before = version.stats.snapshot()
+    requests = [REQUESTS["digits_cnn"]() for _ in range(256)]
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        produced = list(pool.map(lambda arrays: _infer(gpu, "digits_cnn", arrays), requests))
+    after = version.stats.snapshot()
+    merged = (after.success.count - before.success.count) - (
+        after.execution_count - before.execution_count
+    )
+    assert merged > 0, "no two requests were batched together; nothing was staged"
+    for arrays, got in zip(requests[:32], produced[:32], strict=True):
+        reference = _infer(cpu, "digits_cnn", arrays)["probabilities"]
+        relative = np.linalg.norm(got["probabilities"] - reference) / np.linalg.norm(reference)
+        assert relative <= 1e-3
+    runner = version.runner
+    areas = version.scheduler.on_every_instance(runner.thread_staging)
+    assert all(area.pinned and area.failed is None for area in areas), [a.failed for a in areas]
+    assert sum(area.held_bytes for area in areas) > 0
