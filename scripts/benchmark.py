@@ -495,6 +495,41 @@ def perf_analyzer(url: str, model: str, concurrency: int, seconds: float) -> Poi
     )
 
 
+def server_side(url: str, model: str) -> dict[str, int]:
+    """Cumulative batches, their rows and nanoseconds per phase, from ModelStatistics.
+
+    Read from `batch_stats` (one count per execution): `inference_stats` adds each
+    batch's durations once for every request in it, as Triton's does.
+    """
+    import tritonclient.grpc as grpcclient
+
+    with grpcclient.InferenceServerClient(url) as client:
+        stats = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
+    phases = ("compute_input", "compute_infer", "compute_output")
+    totals = dict.fromkeys(("batches", "rows", *phases), 0)
+    for entry in stats.get("batch_stats", []):
+        count = int(entry.get("compute_infer", {}).get("count", 0))
+        totals["batches"] += count
+        totals["rows"] += count * int(entry["batch_size"])
+        for phase in phases:
+            totals[phase] += int(entry.get(phase, {}).get("ns", 0))
+    return totals
+
+
+def per_batch(before: dict[str, int], after: dict[str, int]) -> str:
+    """Mean batch and milliseconds per batch of each phase, between two snapshots."""
+    delta = {key: after[key] - before[key] for key in after}
+    batches = delta["batches"]
+    if not batches:
+        return ""
+    return (
+        f"  batch {delta['rows'] / batches:5.1f}  per batch: merge "
+        f"{delta['compute_input'] / batches / 1e6:5.2f} ms  run "
+        f"{delta['compute_infer'] / batches / 1e6:5.2f} ms  encode "
+        f"{delta['compute_output'] / batches / 1e6:5.2f} ms"
+    )
+
+
 def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) * 1000 if values else float("nan")
 

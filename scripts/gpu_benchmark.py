@@ -315,7 +315,11 @@ def main() -> int:
                     for _ in range(options.repeats):
                         rate1, p99_1 = raws[name].rate(1, options.seconds / 2)
                         best_rate, _ = raws[name].rate(best_batch, options.seconds / 2)
+                        before = benchmark.server_side(server.url, name)
                         point, client = serve_load(server, name, concurrency, options.seconds)
+                        after = benchmark.server_side(server.url, name)
+                        phases = benchmark.per_batch(before, after)
+                        print(f"{name} c={concurrency} server:{phases}", file=sys.stderr)
                         top, _ = serve_load(ceiling, name, concurrency, options.seconds)
                         for key, value in (
                             ("b1", rate1),

@@ -95,41 +95,6 @@ def write_repository(root: Path, fixed_cost: int = 0) -> Path:
     return root
 
 
-def server_side(url: str) -> dict[str, int]:
-    """Cumulative batches, their rows and nanoseconds per phase, from ModelStatistics.
-
-    Read from `batch_stats` (one count per execution): `inference_stats` adds each
-    batch's durations once for every request in it, as Triton's does.
-    """
-    import tritonclient.grpc as grpcclient
-
-    with grpcclient.InferenceServerClient(url) as client:
-        stats = client.get_inference_statistics(MODEL, as_json=True)["model_stats"][0]
-    phases = ("compute_input", "compute_infer", "compute_output")
-    totals = dict.fromkeys(("batches", "rows", *phases), 0)
-    for entry in stats.get("batch_stats", []):
-        count = int(entry.get("compute_infer", {}).get("count", 0))
-        totals["batches"] += count
-        totals["rows"] += count * int(entry["batch_size"])
-        for phase in phases:
-            totals[phase] += int(entry.get(phase, {}).get("ns", 0))
-    return totals
-
-
-def per_batch(before: dict[str, int], after: dict[str, int]) -> str:
-    """Mean batch and milliseconds per batch of each phase, between two snapshots."""
-    delta = {key: after[key] - before[key] for key in after}
-    batches = delta["batches"]
-    if not batches:
-        return ""
-    return (
-        f"  batch {delta['rows'] / batches:5.1f}  per batch: merge "
-        f"{delta['compute_input'] / batches / 1e6:5.2f} ms  run "
-        f"{delta['compute_infer'] / batches / 1e6:5.2f} ms  encode "
-        f"{delta['compute_output'] / batches / 1e6:5.2f} ms"
-    )
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--against", type=Path, help="another checkout to alternate with")
@@ -172,7 +137,7 @@ def main() -> int:
                 )
                 counted = name != "ceiling"  # the ceiling server keeps no statistics
                 try:
-                    before = server_side(server.url) if counted else None
+                    before = benchmark.server_side(server.url, MODEL) if counted else None
                     # perf_analyzer gives up when its windows disagree by over 100%,
                     # which a shared machine sometimes causes: one more try, then skip.
                     point = benchmark.perf_analyzer(
@@ -180,7 +145,7 @@ def main() -> int:
                     ) or benchmark.perf_analyzer(
                         server.url, MODEL, options.concurrency, options.seconds
                     )
-                    after = server_side(server.url) if counted else None
+                    after = benchmark.server_side(server.url, MODEL) if counted else None
                 finally:
                     server.stop()
                 if point is None:
@@ -191,7 +156,7 @@ def main() -> int:
                 print(
                     f"round {round_number} {name:8} {point.throughput:8,.0f} infer/s  "
                     f"p50 {point.p50_ms:6.1f} ms  p99 {point.p99_ms:6.1f} ms"
-                    + (per_batch(before, after) if before and after else ""),
+                    + (benchmark.per_batch(before, after) if before and after else ""),
                     flush=True,
                 )
     print(
