@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import re
 import threading
 from pathlib import Path
@@ -33,8 +34,8 @@ _FALLBACK_NAMES = ("libcudart.so.13", "libcudart.so.12", "libcudart.so")
 
 def _loaded_cudart() -> list[str]:
     """Paths of the CUDA runtime libraries already mapped into this process."""
-    try:
-        maps = Path("/proc/self/maps").read_text()
+    try:  # mapped file names need not be UTF-8 (a model folder's, say)
+        maps = os.fsdecode(Path("/proc/self/maps").read_bytes())
     except OSError:
         return []
     found = (_CUDART.search(line) for line in maps.splitlines())
@@ -88,12 +89,16 @@ class PinnedAllocator:
             try:
                 library = ctypes.CDLL(path)
                 return cls(library, path), ""
-            except (OSError, AttributeError) as error:
+            except Exception as error:  # OSError, AttributeError for a symbol it lacks, ...
                 problems.append(f"{path}: {error}")
         return None, "no CUDA runtime library could be opened (" + "; ".join(problems) + ")"
 
     def allocate(self, nbytes: int, gpu: int) -> np.ndarray:
-        """`nbytes` of pinned memory; raises MemoryError with CUDA's reason on failure."""
+        """`nbytes` of pinned memory; raises MemoryError with CUDA's reason on failure.
+
+        The block is pinned for every GPU; selecting the model's GPU first only keeps
+        the CUDA runtime from creating a context on GPU 0 for a model that runs elsewhere.
+        """
         status = self._library.cudaSetDevice(gpu)
         if status != _CUDA_SUCCESS:
             raise MemoryError(f"cudaSetDevice({gpu}) failed: {self._error(status)}")
@@ -106,6 +111,7 @@ class PinnedAllocator:
         return np.asarray(PinnedBlock(self, pointer.value, nbytes))
 
     def free(self, pointer: int) -> None:
+        """Give a block back; called by PinnedBlock when its last view is gone."""
         status = self._library.cudaFreeHost(ctypes.c_void_p(pointer))
         if status != _CUDA_SUCCESS:  # at interpreter exit the runtime may already be gone
             log.debug("cudaFreeHost failed: %s", self._error(status))
@@ -119,12 +125,18 @@ _shared_lock = threading.Lock()
 _shared: tuple[PinnedAllocator | None, str] | None = None
 
 
-def shared_allocator() -> tuple[PinnedAllocator | None, str]:
-    """The process's allocator, opened on first use (after a CUDA session exists)."""
+def shared_allocator() -> PinnedAllocator | None:
+    """The process's allocator, opened on first use (after a CUDA session exists).
+
+    Where it cannot be opened, says why once for the whole process and returns None.
+    """
     global _shared
     with _shared_lock:
         if _shared is None:
             _shared = PinnedAllocator.open()
-            if _shared[0] is not None:
-                log.info("pinned staging memory from %s", _shared[0].path)
-        return _shared
+            allocator, problem = _shared
+            if allocator is not None:
+                log.info("pinned staging memory from %s", allocator.path)
+            else:
+                log.warning("GPU batches are staged in ordinary memory: %s", problem)
+        return _shared[0]

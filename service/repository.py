@@ -785,7 +785,9 @@ def _warm_up_instances(loaded: ModelVersion) -> WarmupReport:
     """
 
     def on_this_thread() -> WarmupReport:
-        return warm_up(loaded.runner.thread_session(), loaded.config, loaded.label)
+        report = warm_up(loaded.runner.thread_session(), loaded.config, loaded.label)
+        loaded.runner.reserve_staging()  # a full batch's staging buffers, before serving
+        return report
 
     started = time.perf_counter()
     reports = loaded.scheduler.on_every_instance(on_this_thread)

@@ -27,18 +27,25 @@ Allocate = Callable[[int], np.ndarray]  # nbytes -> uint8 array of at least that
 
 
 def pageable(nbytes: int) -> np.ndarray:
+    """Ordinary memory: what every CPU session, and a GPU one without pinning, stages in."""
     return np.empty(nbytes, dtype=np.uint8)
 
 
 class StagingArea:
-    """One instance thread's buffers, one per input name."""
+    """One instance thread's buffers, one per input name.
 
-    def __init__(self, allocate: Allocate, limit_bytes: int, label: str) -> None:
+    `pinned` says that `allocate` gives page-locked memory, whose failure is not
+    fatal: the area then carries on in ordinary memory.
+    """
+
+    def __init__(
+        self, allocate: Allocate, limit_bytes: int, label: str, pinned: bool = False
+    ) -> None:
         self._allocate = allocate
         self._limit = limit_bytes
         self._label = label
         self._buffers: dict[str, np.ndarray] = {}
-        self.pinned = allocate is not pageable  # page-locked memory from the CUDA runtime
+        self.pinned = pinned
         self.failed: str | None = None  # why page-locked memory was given up, if it was
 
     @property
@@ -64,7 +71,7 @@ class StagingArea:
         try:
             return self._allocate(nbytes)
         except MemoryError as error:
-            if self._allocate is pageable:
+            if not self.pinned:
                 raise
             # Pinned memory is a limited resource; ordinary memory still works.
             self.failed = str(error)

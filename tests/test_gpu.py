@@ -206,7 +206,7 @@ def test_concurrent_batches_are_merged_in_page_locked_memory_and_match_the_cpu(
         after.execution_count - before.execution_count
     )
     assert merged > 0, "no two requests were batched together; nothing was staged"
-    for arrays, got in zip(requests[:32], produced[:32], strict=True):
+    for arrays, got in zip(requests, produced, strict=True):
         reference = _infer(cpu, "digits_cnn", arrays)["probabilities"]
         relative = np.linalg.norm(got["probabilities"] - reference) / np.linalg.norm(reference)
         assert relative <= 1e-3

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import mmap
+import os
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,8 @@ import pytest
 
 from service.pinned import PinnedAllocator, _loaded_cudart
 from service.staging import StagingArea, pageable
+from tests import onnx_models as models
+from tests.conftest import serve
 
 FP32 = np.dtype(np.float32)
 
@@ -71,6 +75,12 @@ def _cuda_runtime() -> Path | None:
     return found[0] if found else None
 
 
+def _gpus_seen_by(library: Path) -> int:
+    count = ctypes.c_int(0)
+    status = ctypes.CDLL(str(library)).cudaGetDeviceCount(ctypes.byref(count))
+    return count.value if status == 0 else 0
+
+
 CUDART = _cuda_runtime()
 needs_cudart = pytest.mark.skipif(
     CUDART is None, reason="the CUDA runtime library (nvidia-cuda-runtime) is not installed"
@@ -84,10 +94,21 @@ def test_the_cuda_runtime_in_the_process_is_found_in_its_memory_map() -> None:
     assert str(CUDART.resolve()) in _loaded_cudart()
     allocator, problem = PinnedAllocator.open()
     assert allocator is not None, problem
-    assert Path(allocator.path).resolve() == CUDART.resolve()
+    assert allocator.path in _loaded_cudart()  # the first one mapped, whoever loaded it
+
+
+def test_the_memory_map_is_read_even_with_file_names_that_are_not_utf8(tmp_path: Path) -> None:
+    name = os.fsencode(tmp_path) + b"/model-\xe9.onnx"
+    with open(name, "wb") as file:
+        file.write(b"\0" * mmap.PAGESIZE)
+    with open(name, "rb") as file, mmap.mmap(file.fileno(), 0, prot=mmap.PROT_READ):
+        assert isinstance(_loaded_cudart(), list)
 
 
 @needs_cudart
+@pytest.mark.skipif(
+    CUDART is not None and _gpus_seen_by(CUDART) > 0, reason="a GPU is visible: CUDA would pin"
+)
 def test_without_a_gpu_page_locked_memory_is_refused_with_cudas_reason(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -99,7 +120,9 @@ def test_without_a_gpu_page_locked_memory_is_refused_with_cudas_reason(
     assert reason.startswith(("cudaSetDevice(0) failed: ", "cudaHostAlloc of 4096 bytes failed: "))
     assert len(reason.split(": ", 1)[1]) > 5  # CUDA's own words, not a bare number
     # In a staging area: the batch still gets a buffer, in ordinary memory, and the log says why.
-    area = StagingArea(lambda n: allocator.allocate(n, 0), 1 << 20, "model 'm' version 1")
+    area = StagingArea(
+        lambda n: allocator.allocate(n, 0), 1 << 20, "model 'm' version 1", pinned=True
+    )
     assert area.pinned
     with caplog.at_level(logging.WARNING, logger="service.staging"):
         merged = area.array("x", FP32, (8, 4))
@@ -108,3 +131,21 @@ def test_without_a_gpu_page_locked_memory_is_refused_with_cudas_reason(
     assert f"model 'm' version 1: {reason}; staging in ordinary memory instead" in caplog.text
     assert area.array("x", FP32, (8, 4)) is not None  # and it stays there, without new warnings
     assert caplog.text.count("staging in ordinary memory") == 1
+
+
+@pytest.mark.parametrize("warmup", ["all", "off"])
+def test_warm_up_sizes_the_staging_buffers_for_a_full_batch(tmp_path: Path, warmup: str) -> None:
+    """So that page-locked memory is allocated at load, not under the first batches."""
+    models.save(
+        models.add_sub(),
+        tmp_path,
+        "add_sub",
+        config='name: "add_sub"\nplatform: "onnxruntime_onnx"\nmax_batch_size: 8\n'
+        "dynamic_batching { }\ninstance_group [ { count: 2 kind: KIND_CPU } ]\n",
+    )
+    with serve(tmp_path, warmup=warmup) as server:
+        version = server.server.registry.resolve("add_sub", "")
+        runner = version.runner
+        held = version.scheduler.on_every_instance(lambda: runner.thread_staging().held_bytes)
+    # Two FP32 inputs of 16 values, 8 rows each, on each of the two instance threads.
+    assert held == ([2 * 8 * 16 * 4] * 2 if warmup == "all" else [0, 0])
