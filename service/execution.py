@@ -130,21 +130,23 @@ class ModelRunner:
             self._local.staging = staging
         return staging
 
-    def reserve_staging(self) -> int:
+    def reserve_staging(self, longest: int | None = None) -> int:
         """Size this thread's buffers for a full batch now; returns the bytes held.
 
         Called on every instance thread at warm-up, so that page-locked memory is
         allocated at load rather than grown (cudaFreeHost waits for the GPU) under
-        the first batches. Inputs with variable dims grow when they are first seen.
+        the first batches. Variable dims are taken at `longest` (warm-up's longest
+        sequence); without it, inputs that have them grow when first seen.
         """
         staging = self.thread_staging()
         if not self._signature.batching:
             return staging.held_bytes
         for spec in self._signature.inputs:
-            if spec.datatype.is_bytes or any(dim < 0 for dim in spec.dims):
+            if spec.datatype.is_bytes or (longest is None and any(d < 0 for d in spec.dims)):
                 continue
+            dims = tuple(longest if d < 0 and longest else d for d in spec.dims)
             rows = self._signature.max_batch_size
-            staging.array(spec.name, np.dtype(spec.datatype.numpy_dtype), (rows, *spec.dims))
+            staging.array(spec.name, np.dtype(spec.datatype.numpy_dtype), (rows, *dims))
         return staging.held_bytes
 
     # ------------------------------------------------------------- inputs ---

@@ -46,7 +46,7 @@ from .runtime import OnnxSession, available_providers, session_options
 from .settings import Settings
 from .statistics import ModelStats
 from .text import TextEncoder, TextInputConfig, with_text_input
-from .warmup import WarmupReport, warm_up
+from .warmup import WarmupReport, sequence_lengths, warm_up
 from .warmup import wanted as warmup_wanted
 
 log = logging.getLogger(__name__)
@@ -785,8 +785,11 @@ def _warm_up_instances(loaded: ModelVersion) -> WarmupReport:
     """
 
     def on_this_thread() -> WarmupReport:
-        report = warm_up(loaded.runner.thread_session(), loaded.config, loaded.label)
-        loaded.runner.reserve_staging()  # a full batch's staging buffers, before serving
+        session = loaded.runner.thread_session()
+        report = warm_up(session, loaded.config, loaded.label)
+        # A full batch's staging buffers, at the longest length warm-up ran, before serving.
+        lengths = [n for n in sequence_lengths(loaded.config, session.graph) if n]
+        loaded.runner.reserve_staging(max(lengths, default=None))
         return report
 
     started = time.perf_counter()

@@ -149,3 +149,21 @@ def test_warm_up_sizes_the_staging_buffers_for_a_full_batch(tmp_path: Path, warm
         held = version.scheduler.on_every_instance(lambda: runner.thread_staging().held_bytes)
     # Two FP32 inputs of 16 values, 8 rows each, on each of the two instance threads.
     assert held == ([2 * 8 * 16 * 4] * 2 if warmup == "all" else [0, 0])
+
+
+def test_warm_up_sizes_padded_inputs_at_the_longest_sequence(tmp_path: Path) -> None:
+    models.save(
+        models.sleepy_tokens(),
+        tmp_path,
+        "tokens",
+        config='name: "tokens"\nplatform: "onnxruntime_onnx"\nmax_batch_size: 4\n'
+        "dynamic_batching { }\n"
+        'parameters { key: "padding" value: { string_value: "tokens:0, mask:0" } }\n'
+        'parameters { key: "max_sequence_length" value: { string_value: "20" } }\n',
+    )
+    with serve(tmp_path, warmup="all") as server:
+        version = server.server.registry.resolve("tokens", "")
+        runner = version.runner
+        held = version.scheduler.on_every_instance(lambda: runner.thread_staging().held_bytes)
+    # tokens and mask: 4 rows x 20 FP32; steps: 4 rows x 1 INT64.
+    assert held == [2 * 4 * 20 * 4 + 4 * 8]
