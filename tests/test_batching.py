@@ -9,6 +9,7 @@ time; the checks are about order, grouping and status codes.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -478,3 +479,35 @@ def test_delayed_requests_still_count_toward_max_queue_size(server: ServerThread
     assert "Exceeds maximum queue size" in refused.message()
     for future in [busy, *delayed]:
         assert not isinstance(future.result(60), InferenceServerException)
+
+
+def test_a_gpu_instance_without_page_locked_memory_merges_in_ordinary_memory(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a GPU model does where the CUDA runtime cannot pin memory, on this GPU-less
+    machine: the session is made to say it runs on GPU 0, so the instance asks for
+    page-locked staging, is refused (no GPU, or no CUDA runtime to ask), and serves from
+    ordinary memory, saying why."""
+    from service import pinned
+
+    monkeypatch.setattr(pinned, "_shared", None)  # ask the CUDA runtime afresh
+    build, config = MODELS["batched"]
+    models.save(build(), tmp_path, "batched", config=config)
+    with serve(tmp_path, warmup="off") as server:
+        lineup = Lineup(server, "batched")
+        monkeypatch.setattr(lineup.version.sessions[0], "gpu", 0)
+        with caplog.at_level(logging.WARNING):
+            busy = lineup.hold()
+            waiting = [lineup.submit(f"r{i}", double_inputs(1, value=i)) for i in range(4)]
+            lineup.wait_queued(4)
+            for index, future in enumerate(waiting):
+                np.testing.assert_array_equal(
+                    future.result(60).as_numpy("y"), np.full((1, 4), 2 * index)
+                )
+            busy.result(60)
+        runner = lineup.version.runner
+        (area,) = lineup.version.scheduler.on_every_instance(runner.thread_staging)
+    assert not area.pinned and area.held_bytes > 0
+    refused = "staging in ordinary memory instead" in caplog.text
+    unreachable = "GPU batches are staged in ordinary memory: no CUDA runtime" in caplog.text
+    assert refused or unreachable, caplog.text
