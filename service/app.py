@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 
 import grpc
 from grpc_health.v1 import health, health_pb2
@@ -179,6 +180,9 @@ async def serve(settings: Settings) -> None:
         loop.call_soon_threadsafe(stop_requested.set)
 
     unsubscribe = fatal.subscribe(on_fatal)
+    # Process-wide, so set here and not by InferenceServer (tests run several in one process).
+    sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
+    log.info("GIL switch interval %g ms", sys.getswitchinterval() * 1000)
     try:
         server = InferenceServer(settings)
         await server.start()

@@ -112,6 +112,14 @@ class Settings:
         "let onnxruntime's threads busy-wait between operators (faster alone, slower beside "
         "the server's own threads on few cores); a model's allow_spinning parameter overrides",
     )
+    gil_switch_interval_ms: float = _setting(
+        5.0,
+        "how long a Python thread may keep the GIL while another waits for it (Python's "
+        "default 5 ms); instance threads wait up to this for the event loop after each "
+        "onnxruntime run",
+        low=0.05,
+        high=100.0,
+    )
     model_load_parallelism: int = _setting(
         2, "how many model versions load at the same time at start-up", low=1, high=64
     )

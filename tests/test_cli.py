@@ -20,7 +20,7 @@ from tritonclient.utils import InferenceServerException
 
 from service.settings import Settings
 from tests import onnx_models as models
-from tests.process import ROOT, ServerProcess
+from tests.process import ROOT, ServerProcess, start_on_loopback
 
 SLOW_ROWS = 1024
 
@@ -97,6 +97,17 @@ def test_port_zero_is_logged_and_models_are_described(running: ServerProcess) ->
     assert b'batchwise_model_ready{model="quick",version="1"} 1.0' in metrics
 
 
+def test_the_gil_switch_interval_is_python_s_unless_set(
+    running: ServerProcess, slow_repository: Path
+) -> None:
+    assert "GIL switch interval 5 ms" in running.log
+    server = start_on_loopback(slow_repository, "--gil-switch-interval-ms", "0.5")
+    try:
+        assert "GIL switch interval 0.5 ms" in server.log  # read back from the interpreter
+    finally:
+        server.kill()
+
+
 def test_environment_variables_configure_the_server(slow_repository: Path) -> None:
     server = ServerProcess(
         "serve",
@@ -140,6 +151,7 @@ def test_flags_override_environment(slow_repository: Path) -> None:
         (["--log-level", "LOUD"], {}, "invalid choice: 'LOUD'"),
         ([], {"BATCHWISE_GRPC_PORT": "eighty"}, "BATCHWISE_GRPC_PORT='eighty' is not a valid int"),
         (["--grpc-port", "9000", "--metrics-port", "9000"], {}, "give them different ports"),
+        (["--gil-switch-interval-ms", "0"], {}, "gil_switch_interval_ms = 0.0 is out of range"),
     ],
 )
 def test_bad_settings_exit_2_with_a_clear_message(
