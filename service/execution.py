@@ -13,7 +13,6 @@ sessions unless that is turned off.
 from __future__ import annotations
 
 import itertools
-import logging
 import threading
 import time
 from collections.abc import Sequence
@@ -29,8 +28,6 @@ from .pinned import shared_allocator
 from .runtime import OnnxSession
 from .staging import StagingArea, pageable
 from .statistics import RequestTimings
-
-log = logging.getLogger(__name__)
 
 
 @dataclass

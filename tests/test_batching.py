@@ -366,6 +366,19 @@ def _staged_bytes(lineup: Lineup) -> list[int]:
     return lineup.version.scheduler.on_every_instance(lambda: runner.thread_staging().held_bytes)
 
 
+def _one_batch_of_doubles(lineup: Lineup, size: int, base: float = 0.0) -> None:
+    """`size` one-row requests queued behind a busy instance (so they run as one batch),
+    each answered with twice its own value."""
+    busy = lineup.hold()
+    waiting = [lineup.submit(f"r{i}", double_inputs(1, value=base + i)) for i in range(size)]
+    lineup.wait_queued(size)
+    for index, future in enumerate(waiting):
+        result = future.result(60)
+        assert not isinstance(result, InferenceServerException), result
+        np.testing.assert_array_equal(result.as_numpy("y"), np.full((1, 4), 2 * (base + index)))
+    busy.result(60)
+
+
 def test_a_shorter_padded_batch_in_a_reused_buffer_sees_none_of_the_earlier_batch(
     server: ServerThread,
 ) -> None:
@@ -404,14 +417,7 @@ def test_batches_of_changing_sizes_in_reused_buffers_keep_answers_apart(
     held = []
     for size, base in ((6, 100.0), (2, 200.0), (8, 300.0), (3, 400.0)):
         before = lineup.stats()
-        busy = lineup.hold()
-        waiting = [lineup.submit(f"r{i}", double_inputs(1, value=base + i)) for i in range(size)]
-        lineup.wait_queued(size)
-        for index, future in enumerate(waiting):
-            result = future.result(60)
-            assert not isinstance(result, InferenceServerException), result
-            np.testing.assert_array_equal(result.as_numpy("y"), np.full((1, 4), 2 * (base + index)))
-        busy.result(60)
+        _one_batch_of_doubles(lineup, size, base)
         assert lineup.stats().execution_count - before.execution_count == 2
         held.append(_staged_bytes(lineup)[0])
     # x (4 FP32) and steps (1 INT64) per row: at least the 8 rows of the largest batch,
@@ -425,14 +431,7 @@ def test_with_staging_off_batches_are_merged_into_fresh_arrays(tmp_path: Path) -
     models.save(build(), tmp_path, "batched", config=config)
     with serve(tmp_path, staging_buffer_limit_bytes=0) as unstaged:
         lineup = Lineup(unstaged, "batched")
-        busy = lineup.hold()
-        waiting = [lineup.submit(f"r{i}", double_inputs(1, value=i)) for i in range(5)]
-        lineup.wait_queued(5)
-        for index, future in enumerate(waiting):
-            np.testing.assert_array_equal(
-                future.result(60).as_numpy("y"), np.full((1, 4), 2 * index)
-            )
-        busy.result(60)
+        _one_batch_of_doubles(lineup, 5)
         assert _staged_bytes(lineup) == [0]
 
 
@@ -497,14 +496,7 @@ def test_a_gpu_instance_without_page_locked_memory_merges_in_ordinary_memory(
         lineup = Lineup(server, "batched")
         monkeypatch.setattr(lineup.version.sessions[0], "gpu", 0)
         with caplog.at_level(logging.WARNING):
-            busy = lineup.hold()
-            waiting = [lineup.submit(f"r{i}", double_inputs(1, value=i)) for i in range(4)]
-            lineup.wait_queued(4)
-            for index, future in enumerate(waiting):
-                np.testing.assert_array_equal(
-                    future.result(60).as_numpy("y"), np.full((1, 4), 2 * index)
-                )
-            busy.result(60)
+            _one_batch_of_doubles(lineup, 4)
         runner = lineup.version.runner
         (area,) = lineup.version.scheduler.on_every_instance(runner.thread_staging)
     assert not area.pinned and area.held_bytes > 0
