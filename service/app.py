@@ -18,9 +18,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2
 
 from . import fatal
+from .admission import ServerState
 from .errors import StartupError
 from .grpc_api.server import build_grpc_server
-from .grpc_api.servicer import SERVICE_NAME, InferenceServicer, ServerState
+from .grpc_api.servicer import SERVICE_NAME, InferenceServicer
 from .metrics import MetricsEndpoint
 from .repository import ModelRegistry
 from .runtime import available_providers, runtime_version

@@ -13,7 +13,7 @@ import dataclasses
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -123,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .fatal import EXIT_CODE
 
         try:
-            asyncio.run(serve(settings))
+            run_event_loop(serve(settings), settings.event_loop)
         except StartupError as error:
             log.error("cannot start: %s", error)
             return 1
@@ -134,6 +134,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             logging.shutdown()
             os._exit(EXIT_CODE)
     return 0
+
+
+def run_event_loop(main: Coroutine[Any, Any, None], choice: str) -> None:
+    """Run `main` on uvloop or asyncio's loop, as `--event-loop` says."""
+    if choice != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if choice == "uvloop":
+                raise StartupError(
+                    "--event-loop uvloop: uvloop is not installed (pip install uvloop)"
+                ) from None
+        else:
+            log.info("event loop: uvloop %s", getattr(uvloop, "__version__", "?"))
+            uvloop.run(main)
+            return
+    log.info("event loop: asyncio")
+    asyncio.run(main)
 
 
 def _health(arguments: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

@@ -68,6 +68,12 @@ class ServerUnavailableError(ServingError):
     status = Status.UNAVAILABLE
 
 
+class DeadlineExceededError(ServingError):
+    """The request's gRPC deadline passed before it could run."""
+
+    status = Status.DEADLINE_EXCEEDED
+
+
 class ModelExecutionError(ServingError):
     """onnxruntime failed on a request that passed validation."""
 

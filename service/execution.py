@@ -64,6 +64,10 @@ class ModelRunner:
             if dim == -1 and axis < len(spec.symbols) and spec.symbols[axis] is not None
         }
 
+    @property
+    def on_gpu(self) -> bool:
+        return any(session.gpu is not None for session in self._sessions)
+
     def execute(self, batch: Sequence[InferenceRequest], timings: RequestTimings) -> BatchOutcome:
         """Run the batch once; `timings` records where the time went, even on failure."""
         outcome = BatchOutcome([])

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import onnx_ops
 from .batching import BatchingPolicy, Scheduler
 from .datatypes import format_shape
 from .errors import (
@@ -81,6 +82,7 @@ class ModelVersion:
         histograms: bool = True,
         staging_limit_bytes: int = 0,
         pinned_staging: bool = False,
+        inline_runs: bool = False,
     ) -> None:
         self.name = name
         self.text_encoder = text_encoder
@@ -111,13 +113,17 @@ class ModelVersion:
             instance_count,
             self.stats,
             self.label,
+            inline_runs,
         )
 
-    async def infer(self, request: InferenceRequest) -> InferenceResult:
-        """Queue, batch and execute a validated request; account for its outcome."""
+    async def infer(self, request: InferenceRequest, alone: bool = False) -> InferenceResult:
+        """Queue, batch and execute a validated request; account for its outcome.
+
+        `alone`: no other request is in flight in the server (see Scheduler.infer).
+        """
         self.stats.request_started()
         try:
-            result, timings = await self.scheduler.infer(request)
+            result, timings = await self.scheduler.infer(request, alone)
         except ServingError as error:
             self._failed(request.received_ns, error.status, started=True)
             raise
@@ -438,6 +444,9 @@ class ModelRegistry:
             histograms=self._settings.metrics_port >= 0,
             staging_limit_bytes=self._settings.staging_buffer_limit_bytes,
             pinned_staging=self._settings.cuda_pinned_staging,
+            inline_runs=self._settings.inline_lone_requests
+            and not session.on_gpu
+            and _runs_take_fixed_time(model_path),
         )
         if warmup_wanted(self._settings.warmup, config, session.on_gpu):
             loaded.warmup = _warm_up_instances(loaded)
@@ -711,6 +720,15 @@ class ModelRegistry:
     def join(self, timeout: float) -> None:
         for version in self.loaded_versions():
             version.join(timeout)
+
+
+def _runs_take_fixed_time(model_path: Path) -> bool:
+    """Whether the model's run time depends only on input shapes (no control flow)."""
+    try:
+        return not onnx_ops.op_types(model_path) & onnx_ops.CONTROL_FLOW
+    except (OSError, ValueError) as error:  # ORT loaded it; an odd file is just not inlined
+        log.debug("could not list the operators of %s: %s", model_path.name, error)
+        return False
 
 
 def _report_placement(config: mc.ModelConfig, sessions: Sequence[OnnxSession]) -> None:

@@ -23,6 +23,7 @@ CONTROL_MODES = ("none", "explicit", "poll")
 WARMUP_MODES = ("off", "gpu", "all")
 CONV_ALGO_SEARCHES = ("HEURISTIC", "EXHAUSTIVE", "DEFAULT")
 ARENA_STRATEGIES = ("kSameAsRequested", "kNextPowerOfTwo")
+EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 
 
 def _setting(
@@ -111,6 +112,18 @@ class Settings:
         False,
         "let onnxruntime's threads busy-wait between operators (faster alone, slower beside "
         "the server's own threads on few cores); a model's allow_spinning parameter overrides",
+    )
+    inline_lone_requests: bool = _setting(
+        True,
+        "run a request that finds the server idle on the event loop itself when its model "
+        "(CPU, no control flow) runs it in under a millisecond, instead of handing it to an "
+        "instance thread and back",
+    )
+    event_loop: str = _setting(
+        "auto",
+        "the event loop under gRPC: uvloop (cheaper per call), asyncio (the standard "
+        "library's), or auto (uvloop where it is installed)",
+        choices=EVENT_LOOPS,
     )
     gil_switch_interval_ms: float = _setting(
         5.0,

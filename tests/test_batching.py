@@ -126,7 +126,7 @@ class Lineup:
 
     def hold(self) -> Any:
         busy = self.submit("busy", double_inputs(1, BUSY_STEPS))
-        self.wait_until(lambda: self.version.scheduler.running == self.version.scheduler._instances)
+        self.wait_until(lambda: self.version.scheduler.running == self.version.scheduler.instances)
         return busy
 
     def wait_until(self, condition: Callable[[], bool]) -> None:

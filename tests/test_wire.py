@@ -143,7 +143,7 @@ def test_small_requests_are_parsed_by_protobuf_alone() -> None:
 @pytest.mark.parametrize(
     ("data", "why"),
     [
-        (b"\x3a\x05ab", "truncated raw_input_contents entry"),
+        (b"\x3a\x05ab", "truncated field"),
         (b"\x38\x01", "raw_input_contents with a wire type other than bytes"),
         (b"\x0b", "unsupported wire type 3"),
         (b"\x00\x01", "invalid field number 0"),

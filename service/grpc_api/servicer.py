@@ -11,10 +11,10 @@ from typing import Any
 import grpc
 
 from .. import __version__
+from ..admission import ServerState
 from ..errors import (
     FailedPreconditionError,
     InvalidInputError,
-    ServerUnavailableError,
     ServingError,
     Status,
     UnsupportedError,
@@ -44,54 +44,6 @@ SERVER_NAME = "batchwise"
 EXTENSIONS = ("model_configuration", "statistics")
 # Added in explicit model control mode, where RepositoryModelLoad/Unload work.
 CONTROL_EXTENSIONS = ("model_repository",)
-
-
-class ServerState:
-    """Readiness as the protocol and health checks report it."""
-
-    def __init__(self, registry: ModelRegistry, strict: bool, max_in_flight: int = 0) -> None:
-        self._registry = registry
-        self._strict = strict
-        self._max_in_flight = max_in_flight
-        self.draining = False
-        self.in_flight = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
-
-    def request_started(self) -> None:
-        self.in_flight += 1
-        self._idle.clear()
-
-    def request_finished(self) -> None:
-        self.in_flight -= 1
-        if self.in_flight == 0:
-            self._idle.set()
-
-    async def wait_idle(self) -> None:
-        """Return once no inference request is in flight."""
-        await self._idle.wait()
-
-    @property
-    def ready(self) -> bool:
-        if self.draining or not self._registry.loading_done:
-            return False
-        return self._registry.all_ready() if self._strict else True
-
-    def check_accepting(self) -> None:
-        if self.draining:
-            raise ServerUnavailableError("the server is shutting down")
-        if not self._registry.loading_done:
-            raise ServerUnavailableError("the server is still loading models")
-
-    def admit_inference(self) -> None:
-        """Refuse an inference request the server cannot take now, before it is decoded."""
-        self.check_accepting()
-        if self._max_in_flight and self.in_flight >= self._max_in_flight:
-            # A flood cannot pile up decoded tensors in memory.
-            raise ServerUnavailableError(
-                f"the server is at its limit of {self._max_in_flight} requests in flight "
-                "(--max-requests-in-flight); retry later"
-            )
 
 
 def _duration(target: pb.StatisticDuration, source: Duration) -> None:
@@ -289,21 +241,29 @@ class InferenceServicer:
         self, request: ReceivedInferRequest, time_remaining: float | None = None
     ) -> pb.ModelInferResponse:
         received = time.perf_counter_ns()
-        self._state.admit_inference()
-        self._state.request_started()
+        state = self._state
+        state.admit_inference()
+        state.request_started()
+        alone = state.alone()
         try:
-            return await self._infer_admitted(request, received, time_remaining)
+            return await self._infer_admitted(request, received, time_remaining, alone)
         finally:
-            self._state.request_finished()
+            state.request_finished()
+            if alone:
+                state.linger()
 
     async def _infer_admitted(
-        self, request: ReceivedInferRequest, received: int, time_remaining: float | None
+        self,
+        request: ReceivedInferRequest,
+        received: int,
+        time_remaining: float | None,
+        alone: bool,
     ) -> pb.ModelInferResponse:
         version = self._registry.resolve(request.message.model_name, request.message.model_version)
         # Held until the answer is built: a replaced or unloaded version waits for this.
         version.enter()
         try:
-            return await self._infer_on(version, request, received, time_remaining)
+            return await self._infer_on(version, request, received, time_remaining, alone)
         finally:
             version.leave()
 
@@ -313,6 +273,7 @@ class InferenceServicer:
         request: ReceivedInferRequest,
         received: int,
         time_remaining: float | None,
+        alone: bool,
     ) -> pb.ModelInferResponse:
         builder = RequestBuilder(
             version.signature,
@@ -333,7 +294,7 @@ class InferenceServicer:
         if time_remaining is not None:
             core_request.deadline_ns = received + int(time_remaining * 1e9)
         core_request.log_id = REQUEST_ID.get()
-        result = await version.infer(core_request)
+        result = await version.infer(core_request, alone)
         return encode_infer_response(version.name, version.version, request.message.id, result)
 
     @translate_errors

@@ -19,6 +19,7 @@ from typing import Any
 from google.protobuf.message import DecodeError
 
 from ..protocol import grpc_service_pb2 as pb
+from ..protowire import LENGTH_DELIMITED, walk
 
 # ModelInferRequest.raw_input_contents (grpc_service.proto, field 7).
 RAW_INPUT_CONTENTS_FIELD = 7
@@ -27,11 +28,6 @@ SPLIT_MIN_BYTES = 64 * 1024
 
 # A real request has a handful of fields plus one per input, output and raw entry.
 MAX_WALKED_FIELDS = 1024
-
-_VARINT, _FIXED64, _LENGTH_DELIMITED, _FIXED32 = 0, 1, 2, 5
-_MAX_FIELD_NUMBER = (1 << 29) - 1
-# protobuf refuses tags and lengths encoded in more than 5 bytes; other varints take 10.
-_MAX_KEY_OR_LENGTH_BYTES = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,60 +95,20 @@ def split_raw_inputs(data: bytes) -> tuple[bytes, list[memoryview]]:
     view = memoryview(data)
     rest: list[memoryview] = []  # runs of other fields, each as one span
     raw: list[memoryview] = []
-    end = len(data)
-    position = 0
     run_start = 0
-    for _ in range(MAX_WALKED_FIELDS):
-        if position >= end:
-            break
-        field_start = position
-        key, position = _read_varint(data, position, _MAX_KEY_OR_LENGTH_BYTES)
-        field, wire_type = key >> 3, key & 7
-        if field == 0 or field > _MAX_FIELD_NUMBER:
-            raise ValueError(f"invalid field number {field}")
-        if field == RAW_INPUT_CONTENTS_FIELD:
-            if wire_type != _LENGTH_DELIMITED:
-                raise ValueError("raw_input_contents with a wire type other than bytes")
-            length, position = _read_varint(data, position, _MAX_KEY_OR_LENGTH_BYTES)
-            if position + length > end:
-                raise ValueError("truncated raw_input_contents entry")
-            if run_start < field_start:
-                rest.append(view[run_start:field_start])
-            raw.append(view[position : position + length])
-            position += length
-            run_start = position
-            continue
-        if wire_type == _VARINT:
-            _, position = _read_varint(data, position, 10)
-        elif wire_type == _FIXED64:
-            position += 8
-        elif wire_type == _FIXED32:
-            position += 4
-        elif wire_type == _LENGTH_DELIMITED:
-            length, position = _read_varint(data, position, _MAX_KEY_OR_LENGTH_BYTES)
-            position += length
-        else:
-            raise ValueError(f"unsupported wire type {wire_type}")
-        if position > end:
-            raise ValueError("truncated field")
-    else:
-        if position < end:
+    for count, field in enumerate(walk(data), start=1):
+        if count > MAX_WALKED_FIELDS:
             # Each field costs Python time on the event loop: a body of many tiny fields
             # is left to protobuf, which walks it in C.
             raise ValueError(f"more than {MAX_WALKED_FIELDS} top-level fields")
-    if run_start < end:
-        rest.append(view[run_start:end])
+        if field.number != RAW_INPUT_CONTENTS_FIELD:
+            continue
+        if field.wire_type != LENGTH_DELIMITED:
+            raise ValueError("raw_input_contents with a wire type other than bytes")
+        if run_start < field.start:
+            rest.append(view[run_start : field.start])
+        raw.append(view[field.value : field.end])
+        run_start = field.end
+    if run_start < len(data):
+        rest.append(view[run_start:])
     return b"".join(rest), raw
-
-
-def _read_varint(data: bytes, position: int, max_bytes: int) -> tuple[int, int]:
-    value = 0
-    for shift in range(0, 7 * max_bytes, 7):
-        if position >= len(data):
-            raise ValueError("truncated varint")
-        byte = data[position]
-        position += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, position
-    raise ValueError(f"varint longer than {max_bytes} bytes")
