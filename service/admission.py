@@ -22,8 +22,6 @@ from .repository import ModelRegistry
 # The event loop must have slept at least this long since the server last had nothing in
 # flight for a new request to count as alone: under load it never sleeps.
 QUIET_SLEEP_NS = 200_000
-# How long the loop keeps polling after answering a lone request.
-LINGER_NS = 1_000_000
 # A request that arrives while the loop is lingering (its last poll this recent) is alone.
 _LINGER_FRESH_NS = 100_000
 
@@ -31,8 +29,16 @@ _LINGER_FRESH_NS = 100_000
 class ServerState:
     """Readiness, admission and in-flight accounting, as the protocol and health report them."""
 
-    def __init__(self, registry: ModelRegistry, strict: bool, max_in_flight: int = 0) -> None:
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        strict: bool,
+        max_in_flight: int = 0,
+        linger_ns: int = 0,
+    ) -> None:
+        """`linger_ns`: how long the loop keeps polling after answering a lone request."""
         self._registry = registry
+        self._linger_ns = linger_ns
         self._strict = strict
         self._max_in_flight = max_in_flight
         self.draining = False
@@ -78,8 +84,10 @@ class ServerState:
         return now - self._quiet_since_ns - busy > QUIET_SLEEP_NS
 
     def linger(self) -> None:
-        """After a lone request: poll the loop for LINGER_NS while nothing is in flight."""
-        self._linger_until_ns = time.perf_counter_ns() + LINGER_NS
+        """After a lone request: poll the loop for a moment while nothing is in flight."""
+        if not self._linger_ns:
+            return
+        self._linger_until_ns = time.perf_counter_ns() + self._linger_ns
         if not self._lingering:
             self._lingering = True
             asyncio.get_running_loop().call_soon(self._poll)

@@ -46,7 +46,10 @@ class InferenceServer:
         self.settings = settings
         self.registry = ModelRegistry(settings)
         self.state = ServerState(
-            self.registry, settings.strict_readiness, settings.max_requests_in_flight
+            self.registry,
+            settings.strict_readiness,
+            settings.max_requests_in_flight,
+            settings.linger_microseconds * 1000,
         )
         self.health = health.aio.HealthServicer()
         self.metrics = MetricsEndpoint(self.registry, settings.triton_metrics)

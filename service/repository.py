@@ -16,7 +16,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import onnx_ops
 from .batching import BatchingPolicy, Scheduler
 from .datatypes import format_shape
 from .errors import (
@@ -43,7 +42,8 @@ from .model_config import (
 )
 from .placement import CUDA, GpuDefaults, leaves_kind_to_server, plan_placement
 from .protocol import model_config_pb2 as mc
-from .runtime import OnnxSession, available_providers, session_options
+from .runtime import OnnxSession, available_providers
+from .sessions import open_sessions
 from .settings import Settings
 from .statistics import ModelStats
 from .text import TextEncoder, TextInputConfig, with_text_input
@@ -400,17 +400,15 @@ class ModelRegistry:
             model_dir,
             kind_auto=leaves_kind_to_server(raw),
         )
-        options = session_options(normalized, model_dir, self._settings.onnxruntime_spinning)
-        sessions = [
-            OnnxSession(
-                model_path,
-                options,
-                device,
-                io_binding=self._settings.cuda_io_binding,
-                fallback_to_cpu=placement.cpu_fallback,
-            )
-            for device in placement.devices
-        ]
+        opened = open_sessions(
+            model_path,
+            model_dir,
+            normalized,
+            placement,
+            self._settings,
+            f"model '{name}' version {version}",
+        )
+        sessions = opened.sessions
         session = sessions[0]
         for note in (*placement.notes, *(n for s in sessions for n in s.notes)):
             log.warning("model '%s' version %d: %s", name, version, note)
@@ -444,9 +442,7 @@ class ModelRegistry:
             histograms=self._settings.metrics_port >= 0,
             staging_limit_bytes=self._settings.staging_buffer_limit_bytes,
             pinned_staging=self._settings.cuda_pinned_staging,
-            inline_runs=self._settings.inline_lone_requests
-            and not session.on_gpu
-            and _runs_take_fixed_time(model_path),
+            inline_runs=opened.inline_runs,
         )
         if warmup_wanted(self._settings.warmup, config, session.on_gpu):
             loaded.warmup = _warm_up_instances(loaded)
@@ -720,15 +716,6 @@ class ModelRegistry:
     def join(self, timeout: float) -> None:
         for version in self.loaded_versions():
             version.join(timeout)
-
-
-def _runs_take_fixed_time(model_path: Path) -> bool:
-    """Whether the model's run time depends only on input shapes (no control flow)."""
-    try:
-        return not onnx_ops.op_types(model_path) & onnx_ops.CONTROL_FLOW
-    except (OSError, ValueError) as error:  # ORT loaded it; an odd file is just not inlined
-        log.debug("could not list the operators of %s: %s", model_path.name, error)
-        return False
 
 
 def _report_placement(config: mc.ModelConfig, sessions: Sequence[OnnxSession]) -> None:

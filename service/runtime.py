@@ -24,6 +24,7 @@ from .errors import FatalRuntimeError, InvalidInputError, ModelExecutionError, M
 from .model_config import GraphSignature, GraphTensor, ModelConfigError
 from .placement import CPU, CUDA, TENSORRT, Device
 from .protocol import model_config_pb2 as mc
+from .threads import Threads
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,8 @@ _GRAPH_LEVELS = {
 }
 _INT_PARAMETERS = ("intra_op_thread_count", "inter_op_thread_count", "execution_mode")
 _BOOL_PARAMETERS = ("enable_mem_arena", "enable_mem_pattern", "allow_spinning")
+# Read by thread_parameters and decided by service.threads; the rest apply as given.
+_THREAD_PARAMETERS = ("intra_op_thread_count", "allow_spinning")
 
 
 _cuda_libraries = threading.Lock()
@@ -92,19 +95,7 @@ def _parameter(config: mc.ModelConfig, key: str) -> str | None:
     return None
 
 
-def session_options(
-    config: mc.ModelConfig, model_dir: Path, spinning: bool = False
-) -> ort.SessionOptions:
-    """SessionOptions from Triton's onnxruntime parameters and optimization settings.
-
-    `spinning` (server setting, overridden by the model parameter `allow_spinning`)
-    decides whether onnxruntime's worker threads busy-wait between operators.
-    Spinning shaves microseconds off a run measured alone, but in a server the
-    spinning threads take the cores the gRPC event loop and the clients need.
-    """
-    options = ort.SessionOptions()
-    # Fatal only: errors reach us as exceptions and are logged with the request's id.
-    options.log_severity_level = 4
+def _integer_parameters(config: mc.ModelConfig) -> dict[str, int]:
     values: dict[str, int] = {}
     for key in (*_INT_PARAMETERS, *_BOOL_PARAMETERS):
         text = _parameter(config, key)
@@ -118,8 +109,31 @@ def session_options(
             raise ModelConfigError(f"parameter '{key}' is '{text}'; expected an integer") from None
         if values[key] < 0:
             raise ModelConfigError(f"parameter '{key}' is {values[key]}; expected ≥ 0")
-    if "intra_op_thread_count" in values:
-        options.intra_op_num_threads = values["intra_op_thread_count"]
+    return values
+
+
+def thread_parameters(config: mc.ModelConfig) -> tuple[int | None, bool | None]:
+    """The model's own `intra_op_thread_count` and `allow_spinning`, where it sets them."""
+    values = _integer_parameters(config)
+    intra = values.get("intra_op_thread_count")
+    spinning = values.get("allow_spinning")
+    return intra, None if spinning is None else bool(spinning)
+
+
+def session_options(
+    config: mc.ModelConfig, model_dir: Path, threads: Threads
+) -> ort.SessionOptions:
+    """SessionOptions from Triton's onnxruntime parameters and optimization settings.
+
+    Threads and spinning come from `threads` (service.threads decides them,
+    honouring the model's parameters); every other parameter applies as given.
+    """
+    options = ort.SessionOptions()
+    # Fatal only: errors reach us as exceptions and are logged with the request's id.
+    options.log_severity_level = 4
+    values = _integer_parameters(config)
+    if threads.intra_op:
+        options.intra_op_num_threads = threads.intra_op
     if "inter_op_thread_count" in values:
         options.inter_op_num_threads = values["inter_op_thread_count"]
     if "execution_mode" in values:
@@ -136,9 +150,11 @@ def session_options(
         options.enable_cpu_mem_arena = bool(values["enable_mem_arena"])
     if "enable_mem_pattern" in values:
         options.enable_mem_pattern = bool(values["enable_mem_pattern"])
-    spin = "1" if values.get("allow_spinning", int(spinning)) else "0"
+    spin = "1" if threads.spinning else "0"
     options.add_session_config_entry("session.intra_op.allow_spinning", spin)
     options.add_session_config_entry("session.inter_op.allow_spinning", spin)
+    if threads.spinning and threads.spin_during_runs_only:
+        options.add_session_config_entry("session.force_spinning_stop", "1")
     level = config.optimization.graph.level
     if level not in _GRAPH_LEVELS:
         raise ModelConfigError(

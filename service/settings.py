@@ -24,6 +24,7 @@ WARMUP_MODES = ("off", "gpu", "all")
 CONV_ALGO_SEARCHES = ("HEURISTIC", "EXHAUSTIVE", "DEFAULT")
 ARENA_STRATEGIES = ("kSameAsRequested", "kNextPowerOfTwo")
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
+SPINNING_MODES = ("auto", "on", "off")
 
 
 def _setting(
@@ -108,16 +109,33 @@ class Settings:
         low=0,
         high=INT32_MAX,
     )
-    onnxruntime_spinning: bool = _setting(
-        False,
-        "let onnxruntime's threads busy-wait between operators (faster alone, slower beside "
-        "the server's own threads on few cores); a model's allow_spinning parameter overrides",
+    onnxruntime_intra_op_threads: int = _setting(
+        0,
+        "onnxruntime threads per CPU session; 0 = chosen at load: the session's share of the "
+        "cores, or 1 for a model that runs a single row in under a millisecond; a model's "
+        "intra_op_thread_count parameter overrides",
+        low=0,
+        high=1024,
+    )
+    onnxruntime_spinning: str = _setting(
+        "auto",
+        "whether onnxruntime's threads busy-wait between operators: auto (during runs, for "
+        "CPU sessions with more than one thread), on, off; a model's allow_spinning "
+        "parameter overrides",
+        choices=SPINNING_MODES,
     )
     inline_lone_requests: bool = _setting(
         True,
         "run a request that finds the server idle on the event loop itself when its model "
         "(CPU, no control flow) runs it in under a millisecond, instead of handing it to an "
         "instance thread and back",
+    )
+    linger_microseconds: int = _setting(
+        1000,
+        "after answering a request that found the server idle, the event loop polls this "
+        "long instead of sleeping, so that the client's next request finds it awake; 0 = off",
+        low=0,
+        high=1_000_000,
     )
     event_loop: str = _setting(
         "auto",

@@ -26,38 +26,40 @@ class CostModel:
     """Execution time as a + beta * work, fitted over this model's recent runs.
 
     Work is rows times the padded length (just rows for fixed-shape models).
-    Refitted every few runs rather than at every decision: the fit is a loop
-    over the window, and decisions are taken once per batch.
+    The sums the least-squares fit needs are kept as runs enter and leave the
+    window, so adding a run and reading the fit cost the same whatever the window.
     """
 
-    _REFIT_EVERY = 8
-
     def __init__(self) -> None:
-        self._runs: collections.deque[tuple[int, int]] = collections.deque(maxlen=_WINDOW)
-        self._added = 0
-        self._fitted: tuple[float, float] | None = None
+        self._runs: collections.deque[tuple[int, int]] = collections.deque()
+        self._sum_work = 0.0
+        self._sum_ns = 0.0
+        self._sum_work_squared = 0.0
+        self._sum_work_ns = 0.0
 
     def add(self, work: int, duration_ns: int) -> None:
         self._runs.append((work, duration_ns))
-        self._added += 1
-        if self._added % self._REFIT_EVERY == 0 or self._added < self._REFIT_EVERY:
-            self._fitted = self._fit()
+        self._shift(work, duration_ns, 1)
+        if len(self._runs) > _WINDOW:
+            self._shift(*self._runs.popleft(), -1)
+
+    def _shift(self, work: int, duration_ns: int, sign: int) -> None:
+        self._sum_work += sign * work
+        self._sum_ns += sign * duration_ns
+        self._sum_work_squared += sign * work * work
+        self._sum_work_ns += sign * work * duration_ns
 
     def fit(self) -> tuple[float, float] | None:
-        """(a, beta) in nanoseconds, or None while one work size has been seen."""
-        return self._fitted
-
-    def _fit(self) -> tuple[float, float] | None:
-        if len(self._runs) < 4:
-            return None
+        """(a, beta) in nanoseconds, or None while too few work sizes have been seen."""
         count = len(self._runs)
-        mean_work = sum(w for w, _ in self._runs) / count
-        mean_ns = sum(d for _, d in self._runs) / count
-        spread = sum((w - mean_work) ** 2 for w, _ in self._runs)
-        if spread == 0:  # one batch size seen so far: fixed and per-row cost are inseparable
+        if count < 4:
             return None
-        beta = sum((w - mean_work) * (d - mean_ns) for w, d in self._runs) / spread
-        beta = max(beta, 0.0)
+        mean_work = self._sum_work / count
+        mean_ns = self._sum_ns / count
+        spread = self._sum_work_squared - count * mean_work * mean_work
+        if spread <= 1e-9 * max(self._sum_work_squared, 1.0):
+            return None  # one work size so far: fixed and per-row cost are inseparable
+        beta = max((self._sum_work_ns - count * mean_work * mean_ns) / spread, 0.0)
         return max(mean_ns - beta * mean_work, 0.0), beta
 
 

@@ -1,0 +1,177 @@
+"""What each step of a request costs on this machine, in microseconds, measured in-process.
+
+    python scripts/step_costs.py                       # the 1x28x28 CNN of the benchmark
+    python scripts/step_costs.py --model resnet18
+
+Each step of the path a ModelInfer request takes through this server is timed
+on its own, many times over, with a real request for the model (built the
+way tritonclient builds it) and the real objects the server uses, then the
+whole path on the event loop without gRPC (`version.infer` and the encoding
+around it: the work one request costs the loop). gRPC's own per-call cost
+is not here: grpc_ceiling.py and the benchmark measure it through the wire.
+The benchmark's per-request accounting shows the same phases under load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench_models import MODELS, prepare_sources, write_repositories  # noqa: E402
+from bench_clients import feeds  # noqa: E402
+
+from service.grpc_api.codec import decode_infer_request, encode_infer_response  # noqa: E402
+from service.grpc_api.wire import receive_infer_request  # noqa: E402
+from service.inference import RequestBuilder  # noqa: E402
+from service.logs import new_request_id  # noqa: E402
+from service.protocol import grpc_service_pb2 as pb  # noqa: E402
+from service.repository import ModelRegistry  # noqa: E402
+from service.settings import Settings  # noqa: E402
+from service.statistics import RequestTimings  # noqa: E402
+
+
+def timed(label: str, step: Callable[[], object], seconds: float) -> float:
+    """Microseconds per call: the median of five batches of calls."""
+    step()
+    calls = 1
+    while True:  # calls per batch so that a batch takes ~seconds/5
+        started = time.perf_counter()
+        for _ in range(calls):
+            step()
+        if time.perf_counter() - started > seconds / 25 or calls > 1 << 20:
+            break
+        calls *= 2
+    batches = []
+    for _ in range(5):
+        started = time.perf_counter()
+        for _ in range(calls):
+            step()
+        batches.append((time.perf_counter() - started) / calls * 1e6)
+    value = float(np.median(batches))
+    print(f"  {label:<52}{value:>10.2f} µs")
+    return value
+
+
+def request_bytes(model: str) -> bytes:
+    request = pb.ModelInferRequest(model_name=model)
+    for name, array in feeds(MODELS[model].inputs, 1).items():
+        request.inputs.add(
+            name=name,
+            datatype="FP32" if array.dtype == np.float32 else "INT64",
+            shape=list(array.shape),
+        )
+        request.raw_input_contents.append(array.tobytes())
+    return request.SerializeToString()
+
+
+async def hand_off_round_trip(seconds: float) -> float:
+    """A thread woken from a lock and back to the loop through call_soon_threadsafe."""
+
+    async def measure() -> float:
+        loop = asyncio.get_running_loop()
+        wake = threading.Lock()
+        wake.acquire()
+        box: list[asyncio.Future[None]] = []
+
+        def worker() -> None:
+            while True:
+                wake.acquire()
+                loop.call_soon_threadsafe(box.pop().set_result, None)
+
+        thread = threading.Thread(target=worker, daemon=True)
+        thread.start()
+        count, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            future = loop.create_future()
+            box.append(future)
+            wake.release()
+            await future
+            count += 1
+        return (time.perf_counter() - started) / count * 1e6
+
+    value = await measure()
+    print(f"  {'hand-off to a thread and back (lock, call_soon_threadsafe)':<52}{value:>10.2f} µs")
+    return value
+
+
+async def steps(model: str, seconds: float) -> None:
+    repository, _ = write_repositories([model])
+    registry = ModelRegistry(Settings(model_repository=repository, warmup="off"))
+    await registry.load_all([model])
+    version = registry.resolve(model, "")
+    data = request_bytes(model)
+    received = receive_infer_request(data)
+    print(f"{model}: one request of one row ({len(data):,} bytes)")
+
+    def decode() -> object:
+        builder = RequestBuilder(
+            version.signature, version.label, version.text_encoder, registry.max_request_elements
+        )
+        return decode_infer_request(received, builder, time.perf_counter_ns())
+
+    core = decode()
+    session = version.runner.thread_session()
+    model_feeds = {name: np.ascontiguousarray(a) for name, a in core.inputs.items()}  # type: ignore[attr-defined]
+    outputs = list(core.outputs)  # type: ignore[attr-defined]
+    result, _ = await version.scheduler.infer(core)  # type: ignore[arg-type]
+    timed("receive: parse the ModelInferRequest", lambda: receive_infer_request(data), seconds)
+    timed("resolve the model version", lambda: registry.resolve(model, ""), seconds)
+    timed("request id (generated)", new_request_id, seconds)
+    timed("decode and validate the inputs", decode, seconds)
+    timed("statistics: one request started and succeeded", lambda: (
+        version.stats.request_started(),
+        version.stats.record_success(1, 1000, RequestTimings()),
+    ), seconds)
+    timed("statistics: one execution", lambda: version.stats.record_execution(
+        1, RequestTimings(), 1, 0), seconds)
+    timed("onnxruntime: session.run, one row", lambda: session.run(model_feeds, outputs), seconds)
+    timed("execute: merge, run, split and encode one row", lambda: version.runner.execute(
+        [core], RequestTimings()), seconds)  # type: ignore[list-item]
+    timed("encode the ModelInferResponse", lambda: encode_infer_response(
+        model, 1, "", result), seconds)
+    timed("serialize the ModelInferResponse", encode_infer_response(
+        model, 1, "", result).SerializeToString, seconds)
+    await hand_off_round_trip(seconds)
+
+    loop = asyncio.get_running_loop()
+
+    async def whole(alone: bool) -> None:
+        request = decode()
+        answer = await version.infer(request, alone)  # type: ignore[arg-type]
+        encode_infer_response(model, 1, "", answer)
+
+    for alone, label in ((True, "on the loop (a lone request)"), (False, "through an instance")):
+        await whole(alone)
+        count, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            await whole(alone)
+            count += 1
+        value = (time.perf_counter() - started) / count * 1e6
+        print(f"  {'whole path, ' + label:<52}{value:>10.2f} µs")
+    del loop
+    registry.close()
+    registry.join(5)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="mnist_cnn", choices=["mnist_cnn", "resnet18", "minilm"])
+    parser.add_argument("--seconds", type=float, default=1.0, help="per step")
+    options = parser.parse_args()
+    prepare_sources([options.model])
+    asyncio.run(steps(options.model, options.seconds))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
