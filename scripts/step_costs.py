@@ -27,12 +27,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench_models import MODELS, prepare_sources, write_repositories  # noqa: E402
 from bench_clients import feeds  # noqa: E402
+from bench_models import MODELS, prepare_sources, write_repositories  # noqa: E402
 
 from service.grpc_api.codec import decode_infer_request, encode_infer_response  # noqa: E402
 from service.grpc_api.wire import receive_infer_request  # noqa: E402
-from service.inference import RequestBuilder  # noqa: E402
+from service.inference import InferenceRequest, RequestBuilder  # noqa: E402
 from service.logs import new_request_id  # noqa: E402
 from service.protocol import grpc_service_pb2 as pb  # noqa: E402
 from service.repository import ModelRegistry  # noqa: E402
@@ -113,7 +113,7 @@ async def steps(model: str, seconds: float) -> None:
     received = receive_infer_request(data)
     print(f"{model}: one request of one row ({len(data):,} bytes)")
 
-    def decode() -> object:
+    def decode() -> InferenceRequest:
         builder = RequestBuilder(
             version.signature, version.label, version.text_encoder, registry.max_request_elements
         )
@@ -121,33 +121,47 @@ async def steps(model: str, seconds: float) -> None:
 
     core = decode()
     session = version.runner.thread_session()
-    model_feeds = {name: np.ascontiguousarray(a) for name, a in core.inputs.items()}  # type: ignore[attr-defined]
-    outputs = list(core.outputs)  # type: ignore[attr-defined]
-    result, _ = await version.scheduler.infer(core)  # type: ignore[arg-type]
+    model_feeds = {name: np.ascontiguousarray(a) for name, a in core.inputs.items()}
+    outputs = list(core.outputs)
+    result, _ = await version.scheduler.infer(core)
     timed("receive: parse the ModelInferRequest", lambda: receive_infer_request(data), seconds)
     timed("resolve the model version", lambda: registry.resolve(model, ""), seconds)
     timed("request id (generated)", new_request_id, seconds)
     timed("decode and validate the inputs", decode, seconds)
-    timed("statistics: one request started and succeeded", lambda: (
-        version.stats.request_started(),
-        version.stats.record_success(1, 1000, RequestTimings()),
-    ), seconds)
-    timed("statistics: one execution", lambda: version.stats.record_execution(
-        1, RequestTimings(), 1, 0), seconds)
+
+    def request_accounting() -> None:
+        version.stats.request_started()
+        version.stats.record_success(1, 1000, RequestTimings())
+
+    timed("statistics: one request started and succeeded", request_accounting, seconds)
+    timed(
+        "statistics: one execution",
+        lambda: version.stats.record_execution(1, RequestTimings(), 1, 0),
+        seconds,
+    )
     timed("onnxruntime: session.run, one row", lambda: session.run(model_feeds, outputs), seconds)
-    timed("execute: merge, run, split and encode one row", lambda: version.runner.execute(
-        [core], RequestTimings()), seconds)  # type: ignore[list-item]
-    timed("encode the ModelInferResponse", lambda: encode_infer_response(
-        model, 1, "", result), seconds)
-    timed("serialize the ModelInferResponse", encode_infer_response(
-        model, 1, "", result).SerializeToString, seconds)
+    timed(
+        "execute: merge, run, split and encode one row",
+        lambda: version.runner.execute([core], RequestTimings()),
+        seconds,
+    )
+    timed(
+        "encode the ModelInferResponse",
+        lambda: encode_infer_response(model, 1, "", result),
+        seconds,
+    )
+    timed(
+        "serialize the ModelInferResponse",
+        encode_infer_response(model, 1, "", result).SerializeToString,
+        seconds,
+    )
     await hand_off_round_trip(seconds)
 
     loop = asyncio.get_running_loop()
 
     async def whole(alone: bool) -> None:
         request = decode()
-        answer = await version.infer(request, alone)  # type: ignore[arg-type]
+        answer = await version.infer(request, alone)
         encode_infer_response(model, 1, "", answer)
 
     for alone, label in ((True, "on the loop (a lone request)"), (False, "through an instance")):
