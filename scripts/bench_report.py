@@ -16,6 +16,7 @@ from bench_clients import Load
 from bench_servers import Phases
 
 OURS, NAIVE, SINGLE, CEILING = "batchwise", "naive", "batching off", "gRPC ceiling"
+BEFORE = "before"  # --against: another checkout of this server, the same configs
 
 
 @dataclass
@@ -100,7 +101,7 @@ def summarize(samples: list[Sample]) -> list[Row]:
             s for s in samples if (s.model, s.client, s.concurrency) == (model, client, concurrency)
         ]
         naive = {s.round: s for s in here if s.server == NAIVE}
-        for server in (OURS, NAIVE, SINGLE, CEILING):
+        for server in (OURS, BEFORE, NAIVE, SINGLE, CEILING):
             mine = [s for s in here if s.server == server]
             if not mine:
                 continue

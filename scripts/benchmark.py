@@ -51,7 +51,7 @@ from bench_models import (  # noqa: E402
     variable_shapes,
     write_repositories,
 )
-from bench_report import CEILING, NAIVE, OURS, SINGLE, Sample, summarize, write  # noqa: E402
+from bench_report import BEFORE, CEILING, NAIVE, OURS, SINGLE, Sample, summarize, write  # noqa: E402
 from bench_servers import (  # noqa: E402  (other scripts use these through this module)
     NaiveServer,
     Phases,
@@ -250,6 +250,12 @@ def main() -> int:
     )
     parser.add_argument("--no-single", action="store_true", help="skip the batching-off column")
     parser.add_argument("--server-args", default="", help="extra flags for this server")
+    parser.add_argument(
+        "--against",
+        type=Path,
+        help="another checkout of this project (git worktree add DIR COMMIT): measured as "
+        "'before', same repository and configs",
+    )
     parser.add_argument("--output", type=Path, default=ROOT / "bench-results")
     parser.add_argument(
         "--metrics-cost",
@@ -281,6 +287,8 @@ def main() -> int:
         OURS: Server(ours_repository, metrics=False, extra=extra),
         NAIVE: NaiveServer(naive_repository),
     }
+    if options.against is not None:
+        servers[BEFORE] = Server(ours_repository, metrics=False, tree=options.against.resolve())
     if not options.no_ceiling and "mnist_cnn" in options.models:
         servers[CEILING] = Server(
             ours_repository,
@@ -292,7 +300,8 @@ def main() -> int:
     try:
         for model in options.models:
             seconds = options.seconds * MODELS[model].heavy
-            kinds = [OURS, NAIVE] + ([] if options.no_single else [SINGLE])
+            kinds = [OURS, NAIVE] + ([BEFORE] if BEFORE in servers else [])
+            kinds += [] if options.no_single else [SINGLE]
             if model == "mnist_cnn" and CEILING in servers:
                 kinds.append(CEILING)
             clients = ["python"] if model == MIXED else options.clients

@@ -45,10 +45,16 @@ class ModelRunner:
         label: str,
         staging_limit_bytes: int = 0,
         pinned_staging: bool = False,
+        narrow: OnnxSession | None = None,
     ) -> None:
+        """`narrow`: a one-thread session (CPU) for the runs `execute` is told are not
+        alone; the others use the multi-threaded session of their instance."""
         # One session per device; each instance thread keeps the one it was dealt first,
         # so instances spread evenly over the devices (Triton's count per GPU).
         self._sessions = list(sessions)
+        self._narrow = narrow
+        # Runs made on the one-thread session (a count for tests and investigations).
+        self.narrow_runs = 0
         self._dealt = itertools.count()
         self._local = threading.local()
         self._signature = signature
@@ -68,8 +74,18 @@ class ModelRunner:
     def on_gpu(self) -> bool:
         return any(session.gpu is not None for session in self._sessions)
 
-    def execute(self, batch: Sequence[InferenceRequest], timings: RequestTimings) -> BatchOutcome:
-        """Run the batch once; `timings` records where the time went, even on failure."""
+    @property
+    def has_narrow(self) -> bool:
+        return self._narrow is not None
+
+    def execute(
+        self, batch: Sequence[InferenceRequest], timings: RequestTimings, narrow: bool = False
+    ) -> BatchOutcome:
+        """Run the batch once; `timings` records where the time went, even on failure.
+
+        `narrow`: other runs are in progress, so run on one thread (if there is a
+        one-thread session) rather than compete for every core.
+        """
         outcome = BatchOutcome([])
         started = time.perf_counter_ns()
         rows = sum(request.batch_size for request in batch)
@@ -82,7 +98,11 @@ class ModelRunner:
         timings.compute_input_ns = ready - started
         timings.executed = True
         try:
-            session = self.thread_session()
+            if narrow and self._narrow is not None:
+                session = self._narrow
+                self.narrow_runs += 1
+            else:
+                session = self.thread_session()
             produced = dict(zip(output_names, session.run(feeds, output_names), strict=True))
         finally:
             timings.compute_infer_ns = time.perf_counter_ns() - ready

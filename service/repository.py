@@ -83,6 +83,7 @@ class ModelVersion:
         staging_limit_bytes: int = 0,
         pinned_staging: bool = False,
         inline_runs: bool = False,
+        narrow_session: OnnxSession | None = None,
     ) -> None:
         self.name = name
         self.text_encoder = text_encoder
@@ -104,7 +105,12 @@ class ModelVersion:
         self.load_seconds = 0.0
         self.latency_objective_seconds = latency_objective(config)
         self.runner = ModelRunner(
-            self.sessions, signature, self.label, staging_limit_bytes, pinned_staging
+            self.sessions,
+            signature,
+            self.label,
+            staging_limit_bytes,
+            pinned_staging,
+            narrow_session,
         )
         self.scheduler = Scheduler(
             self.runner,
@@ -407,6 +413,7 @@ class ModelRegistry:
             placement,
             self._settings,
             f"model '{name}' version {version}",
+            count_given=any(group.count for group in raw.instance_group),
         )
         sessions = opened.sessions
         session = sessions[0]
@@ -437,12 +444,13 @@ class ModelRegistry:
             signature,
             sessions,
             policy,
-            placement.instances_per_device * len(sessions),
+            opened.instances_per_device * len(sessions),
             encoder,
             histograms=self._settings.metrics_port >= 0,
             staging_limit_bytes=self._settings.staging_buffer_limit_bytes,
             pinned_staging=self._settings.cuda_pinned_staging,
             inline_runs=opened.inline_runs,
+            narrow_session=opened.narrow,
         )
         if warmup_wanted(self._settings.warmup, config, session.on_gpu):
             loaded.warmup = _warm_up_instances(loaded)

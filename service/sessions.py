@@ -32,6 +32,10 @@ class OpenedSessions:
     threads: Threads
     # A lone request may run on the event loop (Scheduler inline runs).
     inline_runs: bool
+    # Instances (runs at once) per device.
+    instances_per_device: int
+    # CPU only: a one-thread session for runs made while another run is in progress.
+    narrow: OnnxSession | None = None
 
 
 def open_sessions(
@@ -41,7 +45,9 @@ def open_sessions(
     placement: Placement,
     settings: Settings,
     label: str,
+    count_given: bool,
 ) -> OpenedSessions:
+    """`count_given`: the model's own config sets its instance count."""
     threads = _planned_threads(config, placement, settings)
 
     def open_all(threads: Threads) -> list[OnnxSession]:
@@ -68,9 +74,25 @@ def open_sessions(
             sessions = open_all(threads)
         if took is not None:
             timing = f" (a single-row run took {took / 1e6:.2f} ms)"
+    instances = placement.instances_per_device
+    narrow = None
+    if (
+        settings.narrow_sessions
+        and threads.measure
+        and threads.intra_op > 1
+        and not on_gpu
+        and not count_given
+    ):
+        # Several runs at once each on one core beat one after the other on every core.
+        instances = max(instances, threads.intra_op)
+        narrow = open_all(Threads(1, False))[0]
+        timing += (
+            f"; {instances} instances, each on one thread while more than one batch runs "
+            "(a second, one-thread session)"
+        )
     log.info("%s: %s%s", label, threads.describe(), timing)
     inline = settings.inline_lone_requests and not on_gpu and _runs_take_fixed_time(model_path)
-    return OpenedSessions(sessions, threads, inline)
+    return OpenedSessions(sessions, threads, inline, instances, narrow)
 
 
 def _planned_threads(config: mc.ModelConfig, placement: Placement, settings: Settings) -> Threads:

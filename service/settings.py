@@ -117,6 +117,12 @@ class Settings:
         low=0,
         high=1024,
     )
+    narrow_sessions: bool = _setting(
+        True,
+        "CPU models that get several threads and set no instance count: one instance per "
+        "thread, each running on one thread while more than one batch runs (a second, "
+        "one-thread session: the weights twice in memory)",
+    )
     onnxruntime_spinning: str = _setting(
         "auto",
         "whether onnxruntime's threads busy-wait between operators: auto (during runs, for "

@@ -148,6 +148,38 @@ def test_the_thread_choice_is_measured_and_logged_at_load(
         )
 
 
+def test_a_model_on_several_threads_runs_one_thread_per_instance_under_load(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    if usable_cores() < 2:
+        pytest.skip("one core: every session gets one thread, there is nothing to narrow")
+    model = models.slow_matmul(1024, 64)
+    models.save(model, tmp_path, "heavy", config=BATCHING)
+    weights = onnx.numpy_helper.to_array(model.graph.initializer[0])
+    with caplog.at_level(logging.INFO, logger="service.sessions"), serve(tmp_path) as running:
+        version = running.server.registry.resolve("heavy", "")
+        if not version.runner.has_narrow:  # a fast machine ran a row in under a millisecond
+            pytest.skip("the model ran a single row in under a millisecond here")
+        assert version.scheduler.instances == usable_cores()
+        assert f"{usable_cores()} instances, each on one thread" in caplog.text
+
+        def send(worker: int) -> None:
+            x = np.random.default_rng(worker).standard_normal((1, 1024)).astype(np.float32)
+            tensor = grpcclient.InferInput("x", [1, 1024], "FP32")
+            tensor.set_data_from_numpy(x)
+            with running.client() as client:
+                for _ in range(4):
+                    y = client.infer("heavy", [tensor]).as_numpy("y")
+                    expected = x
+                    for _ in range(64):
+                        expected = expected @ weights
+                    np.testing.assert_allclose(y, expected, rtol=1e-3, atol=1e-3)
+
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(send, range(8)))
+        assert version.runner.narrow_runs > 0
+
+
 def test_the_event_loop_is_uvloop_unless_asked_otherwise(tmp_path: Path) -> None:
     models.save(models.scale(2.0, ["batch", 4]), tmp_path, "small", config=BATCHING)
     for flags, expected in (

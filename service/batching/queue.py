@@ -135,11 +135,12 @@ class RequestQueue:
 
     # ------------------------------------------------------------ batches ---
 
-    def gather(self, fit: tuple[float, float] | None) -> list[Pending]:
+    def gather(self, fit: tuple[float, float] | None, row_limit: int = 0) -> list[Pending]:
         """Compatible requests in priority-then-arrival order, whole, within the limits.
 
         `fit` is the model's run cost (a, beta), which decides whether padding
-        a request into the batch pays; the head of the queue always goes.
+        a request into the batch pays; `row_limit` (if set) caps the batch below
+        max_batch_size; the head of the queue always goes.
         """
         candidates = iter(self)
         head = next(candidates, None)
@@ -148,7 +149,7 @@ class RequestQueue:
         batch = [head]
         if not self._policy.merge:
             return batch
-        limit = self._policy.max_batch_size
+        limit = min(self._policy.max_batch_size, row_limit or self._policy.max_batch_size)
         preferred = self._policy.preferred
         rows = head.rows
         longest = head.length

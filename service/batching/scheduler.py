@@ -78,6 +78,8 @@ class _Job:
     batch: list[Pending]
     timings: RequestTimings
     started_ns: int
+    # Other runs are in progress or waiting: run on one thread (ModelRunner.execute).
+    narrow: bool = False
 
 
 @dataclass
@@ -433,6 +435,7 @@ class Scheduler:
             batch: list[Pending] = []
             expired: list[Pending] = []
             hold = 0
+            narrow = False
             with self._lock:
                 task, instance.task = instance.task, None
                 if task is None:
@@ -440,6 +443,7 @@ class Scheduler:
                     expired = self._queue.take_expired(now)
                     batch, hold = self._select(now)
                     if batch:
+                        narrow = self._running > 0 or self._queue.size > 0
                         self._running += 1
                     elif self._closed:
                         return
@@ -456,14 +460,14 @@ class Scheduler:
             if task is not None:
                 task.run()
             elif batch:
-                self._post(self._completed, *self._run(batch))
+                self._post(self._completed, *self._run(batch, narrow))
             else:
                 self._sleep(instance, hold)
 
     def _select(self, now: int) -> tuple[list[Pending], int]:
         """The batch to run now, or none and how long to hold the queue (0: until woken)."""
         fit = self._costs.fit()
-        batch = self._queue.gather(fit)
+        batch = self._queue.gather(fit, self._narrow_rows())
         if not batch:
             return [], 0
         if self.policy.merge:
@@ -486,6 +490,18 @@ class Scheduler:
             pending.dispatched_ns = now
         return batch, 0
 
+    def _narrow_rows(self) -> int:
+        """The rows one instance takes while others run on one thread each (0: no cap).
+
+        A model big enough to get several threads gains little from batching on a
+        CPU (its layers already keep a core busy at one row; a transformer's
+        attention even gets slower per row), and a batch one instance takes is
+        work the other instances cannot share: one request at a time each.
+        """
+        if not self._runner.has_narrow or (self._running == 0 and self._queue.size <= 1):
+            return 0
+        return 1
+
     def _sleep(self, instance: _Instance, hold_ns: int) -> None:
         """Wait to be woken (an arrival, a task, closing) or for `hold_ns` to pass."""
         if instance.wake.acquire(timeout=hold_ns / 1e9 if hold_ns else -1):
@@ -497,9 +513,11 @@ class Scheduler:
         # Someone took this instance off the idle list: its release is on the way.
         instance.wake.acquire()
 
-    def _run(self, batch: list[Pending]) -> tuple[_Job, RequestTimings | None, list[_Run]]:
+    def _run(
+        self, batch: list[Pending], narrow: bool = False
+    ) -> tuple[_Job, RequestTimings | None, list[_Run]]:
         """Execute a taken batch and account for its cost; the caller delivers the outcome."""
-        job = _Job(batch, RequestTimings(), time.perf_counter_ns())
+        job = _Job(batch, RequestTimings(), time.perf_counter_ns(), narrow)
         failed_attempt, runs = self._execute(job)
         duration = time.perf_counter_ns() - job.started_ns
         with self._lock:
@@ -540,7 +558,7 @@ class Scheduler:
         batch = job.batch
         _tag_log_lines(batch)
         try:
-            outcome = self._runner.execute([p.request for p in batch], job.timings)
+            outcome = self._runner.execute([p.request for p in batch], job.timings, job.narrow)
             return None, [_Run(batch, job.timings, outcome)]
         except Exception as error:
             if len(batch) == 1 or not job.timings.executed or isinstance(error, FatalRuntimeError):
@@ -559,7 +577,7 @@ class Scheduler:
             _tag_log_lines([pending])
             single: BatchOutcome | BaseException
             try:
-                single = self._runner.execute([pending.request], timings)
+                single = self._runner.execute([pending.request], timings, job.narrow)
             except Exception as error:
                 single = error
             runs.append(_Run([pending], timings, single))
