@@ -214,7 +214,8 @@ def sample(
     if load is None:
         return None
     counted = phases(server.url, served) - counted_before
-    # The ceiling answers from a cache and counts nothing: requests from the client's rate.
+    if kind == CEILING:  # it answers from a cache and counts nothing: the client's rate
+        counted = Phases()
     requests = counted.requests or load.throughput * elapsed
     return Sample(
         kind,

@@ -2,6 +2,7 @@
 
     python scripts/step_costs.py                       # the 1x28x28 CNN of the benchmark
     python scripts/step_costs.py --model resnet18
+    BATCHWISE_TREE=../before python scripts/step_costs.py   # another checkout's service
 
 Each step of the path a ModelInfer request takes through this server is timed
 on its own, many times over, with a real request for the model (built the
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import inspect
+import os
 import sys
 import threading
 import time
@@ -25,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, os.environ.get("BATCHWISE_TREE", str(ROOT)))
 
 from bench_clients import feeds  # noqa: E402
 from bench_models import MODELS, prepare_sources, write_repositories  # noqa: E402
@@ -104,6 +107,41 @@ async def hand_off_round_trip(seconds: float) -> float:
     return value
 
 
+async def call_bookkeeping(seconds: float) -> None:
+    """What a call's own bookkeeping costs, inside a real grpc.aio handler."""
+    import grpc
+
+    from service.grpc_api.servicer import _access_log, _request_id
+    from service.logs import REQUEST_ID
+
+    async def handler(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        message = pb.ModelInferRequest(model_name="m")
+        timed("x-request-id: read the call's metadata", lambda: _request_id(context), seconds)
+        timed(
+            "x-request-id: set as trailing metadata",
+            lambda: context.set_trailing_metadata((("x-request-id", "0123456789abcdef"),)),
+            seconds,
+        )
+        timed("request id in the log context (contextvar)", lambda: REQUEST_ID.set("abc"), seconds)
+        timed("deadline: context.time_remaining()", context.time_remaining, seconds)
+        timed("access log, off: the check", lambda: _access_log(message, "OK", 0), seconds)
+        return b""
+
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "steps.Steps", {"Call": grpc.unary_unary_rpc_method_handler(handler)}
+            ),
+        )
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        await channel.unary_unary("/steps.Steps/Call")(b"", metadata=(("x-request-id", "q"),))
+    await server.stop(0)
+
+
 async def steps(model: str, seconds: float) -> None:
     repository, _ = write_repositories([model])
     registry = ModelRegistry(Settings(model_repository=repository, warmup="off"))
@@ -126,6 +164,13 @@ async def steps(model: str, seconds: float) -> None:
     result, _ = await version.scheduler.infer(core)
     timed("receive: parse the ModelInferRequest", lambda: receive_infer_request(data), seconds)
     timed("resolve the model version", lambda: registry.resolve(model, ""), seconds)
+
+    def enter_leave() -> None:
+        version.enter()
+        version.leave()
+
+    timed("version enter/leave (unload waits for it)", enter_leave, seconds)
+    await call_bookkeeping(seconds)
     timed("request id (generated)", new_request_id, seconds)
     timed("decode and validate the inputs", decode, seconds)
 
@@ -159,12 +204,15 @@ async def steps(model: str, seconds: float) -> None:
 
     loop = asyncio.get_running_loop()
 
+    lanes = len(inspect.signature(version.infer).parameters) > 1  # checkouts before lone runs
+
     async def whole(alone: bool) -> None:
         request = decode()
-        answer = await version.infer(request, alone)
+        answer = await (version.infer(request, alone) if lanes else version.infer(request))
         encode_infer_response(model, 1, "", answer)
 
-    for alone, label in ((True, "on the loop (a lone request)"), (False, "through an instance")):
+    runs = ((True, "on the loop (a lone request)"), (False, "through an instance"))
+    for alone, label in runs if lanes else runs[1:]:
         await whole(alone)
         count, started = 0, time.perf_counter()
         while time.perf_counter() - started < seconds:

@@ -467,12 +467,13 @@ class Scheduler:
     def _select(self, now: int) -> tuple[list[Pending], int]:
         """The batch to run now, or none and how long to hold the queue (0: until woken)."""
         fit = self._costs.fit()
-        batch = self._queue.gather(fit, self._narrow_rows())
+        row_limit = self._narrow_rows()
+        batch = self._queue.gather(fit, row_limit)
         if not batch:
             return [], 0
         if self.policy.merge:
             rows = sum(p.rows for p in batch)
-            if rows < self._queue.target(rows):
+            if rows < min(self._queue.target(rows), row_limit or rows + 1):
                 head = batch[0]
                 hold = hold_ns(
                     rows,
