@@ -22,7 +22,10 @@ from .repository import ModelRegistry
 # The event loop must have slept at least this long since the server last had nothing in
 # flight for a new request to count as alone: under load it never sleeps.
 QUIET_SLEEP_NS = 200_000
-# A request that arrives while the loop is lingering (its last poll this recent) is alone.
+# A request that arrives while the loop is lingering with nothing else to do (two polls in a row
+# this close together, the latest this recent) is alone. Under load, polls are interleaved with
+# gRPC's work on the calls that wait, far longer than this gap.
+_IDLE_POLL_GAP_NS = 50_000
 _LINGER_FRESH_NS = 100_000
 
 
@@ -49,9 +52,11 @@ class ServerState:
         # event loop thread's CPU clock (both ns).
         self._quiet_since_ns = 0
         self._quiet_cpu_ns = 0
-        # Lingering: polling until this time, and when the latest poll ran (ns).
+        # Lingering: polling until this time; when the latest poll ran, and the latest one
+        # that followed another poll with nothing in between (ns).
         self._linger_until_ns = 0
-        self._lingered_ns = 0
+        self._polled_ns = 0
+        self._idle_poll_ns = 0
         self._lingering = False
 
     def request_started(self) -> None:
@@ -78,7 +83,7 @@ class ServerState:
         if self.in_flight != 1:
             return False
         now = time.perf_counter_ns()
-        if self._lingering and now - self._lingered_ns < _LINGER_FRESH_NS:
+        if self._lingering and now - self._idle_poll_ns < _LINGER_FRESH_NS:
             return True
         busy = time.thread_time_ns() - self._quiet_cpu_ns
         return now - self._quiet_since_ns - busy > QUIET_SLEEP_NS
@@ -95,7 +100,9 @@ class ServerState:
     def _poll(self) -> None:
         now = time.perf_counter_ns()
         if self.in_flight == 0 and now < self._linger_until_ns and not self.draining:
-            self._lingered_ns = now
+            if now - self._polled_ns < _IDLE_POLL_GAP_NS:
+                self._idle_poll_ns = now
+            self._polled_ns = now
             asyncio.get_running_loop().call_soon(self._poll)
         else:
             self._lingering = False

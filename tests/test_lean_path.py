@@ -33,7 +33,6 @@ BATCHING = "max_batch_size: 8\ndynamic_batching { max_queue_delay_microseconds: 
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
     root = tmp_path_factory.mktemp("lean")
     models.save(models.scale(2.0, ["batch", 4]), root, "small", config=BATCHING)
-    models.save(models.slow_matmul(128, 24), root, "matmul", config=BATCHING)
     models.save(models.sleepy_double(), root, "looping", config=BATCHING)
     with serve(root) as running:
         yield running
@@ -60,40 +59,37 @@ def test_lone_requests_run_on_the_event_loop_and_get_their_own_answers(
     assert stats.fail.count == 0
 
 
-def test_under_concurrent_load_batches_form_and_each_answer_is_its_own(
-    server: ServerThread,
-) -> None:
-    version = server.server.registry.resolve("matmul", "")
-    weights = onnx.numpy_helper.to_array(models.slow_matmul(128, 24).graph.initializer[0])
+def test_under_concurrent_load_batches_form_and_each_answer_is_its_own(tmp_path: Path) -> None:
+    """In a server process of its own, so that the clients' threads do not share its GIL."""
+    model = models.slow_matmul(1024, 24)  # about a millisecond a row: requests queue behind it
+    models.save(model, tmp_path, "matmul", config=BATCHING)
+    weights = onnx.numpy_helper.to_array(model.graph.initializer[0])
 
-    def expected(x: np.ndarray) -> np.ndarray:
-        for _ in range(24):
-            x = x @ weights
-        return x
+    inputs = np.random.default_rng(0).standard_normal((16, 12, 1, 1024)).astype(np.float32)
+    expected = inputs.copy()
+    for _ in range(24):  # computed before the load, so the clients only send and compare
+        expected = expected @ weights
 
-    before = version.stats.snapshot()
+    def send(worker: int) -> None:
+        with grpcclient.InferenceServerClient(url) as client:
+            for index in range(12):
+                tensor = grpcclient.InferInput("x", [1, 1024], "FP32")
+                tensor.set_data_from_numpy(inputs[worker, index])
+                y = client.infer("matmul", [tensor]).as_numpy("y")
+                np.testing.assert_allclose(y, expected[worker, index], rtol=1e-4, atol=1e-4)
 
-    def send(worker: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        rng = np.random.default_rng(worker)
-        pairs = []
-        with server.client() as client:
-            for _ in range(12):
-                x = rng.standard_normal((1, 128)).astype(np.float32)
-                tensor = grpcclient.InferInput("x", [1, 128], "FP32")
-                tensor.set_data_from_numpy(x)
-                pairs.append((x, client.infer("matmul", [tensor]).as_numpy("y")))
-        return pairs
-
-    with ThreadPoolExecutor(16) as pool:
-        answered = [pair for pairs in pool.map(send, range(16)) for pair in pairs]
-    for x, y in answered:
-        np.testing.assert_allclose(y, expected(x), rtol=1e-4, atol=1e-4)
-    after = version.stats.snapshot()
-    requests = after.success.count - before.success.count
-    executions = after.execution_count - before.execution_count
-    assert requests == 16 * 12
-    assert executions < requests  # requests that queued together ran together
-    assert any(size > 1 for size in after.batches)
+    server = start_on_loopback(tmp_path)
+    url = f"127.0.0.1:{server.grpc_port()}"
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(send, range(16)))
+        with grpcclient.InferenceServerClient(url) as client:
+            stats = client.get_inference_statistics("matmul", as_json=True)["model_stats"][0]
+    finally:
+        server.kill()
+    assert int(stats["inference_stats"]["success"]["count"]) == 16 * 12
+    assert int(stats["execution_count"]) < 16 * 12  # requests that queued together ran together
+    assert any(int(entry["batch_size"]) > 1 for entry in stats["batch_stats"])
 
 
 def test_a_model_with_control_flow_never_runs_on_the_event_loop(server: ServerThread) -> None:
