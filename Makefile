@@ -56,7 +56,7 @@ pytest: install-test system-packages
 
 test: check-protocol lint typecheck pytest
 
-# The benchmark (not part of `make test`): ~15 minutes, results in bench-results/.
+# The benchmark (not part of `make test`): ~40 minutes, results in bench-results/.
 bench: install-test system-packages
 	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python scripts/benchmark.py $(ARGS)
