@@ -34,6 +34,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
     root = tmp_path_factory.mktemp("lean")
     models.save(models.scale(2.0, ["batch", 4]), root, "small", config=BATCHING)
     models.save(models.sleepy_double(), root, "looping", config=BATCHING)
+    models.save(models.scale(2.0, ["batch", "width"]), root, "wide", config=BATCHING)
     with serve(root) as running:
         yield running
 
@@ -62,7 +63,10 @@ def test_lone_requests_run_on_the_event_loop_and_get_their_own_answers(
 def test_under_concurrent_load_batches_form_and_each_answer_is_its_own(tmp_path: Path) -> None:
     """In a server process of its own, so that the clients' threads do not share its GIL."""
     model = models.slow_matmul(1024, 24)  # about a millisecond a row: requests queue behind it
-    models.save(model, tmp_path, "matmul", config=BATCHING)
+    # One thread, stated: a run timed at load near the 1 ms line could otherwise give the
+    # model narrow one-row runs under load, which never batch.
+    one_thread = 'parameters { key: "intra_op_thread_count" value: { string_value: "1" } }\n'
+    models.save(model, tmp_path, "matmul", config=BATCHING + one_thread)
     weights = onnx.numpy_helper.to_array(model.graph.initializer[0])
 
     inputs = np.random.default_rng(0).standard_normal((16, 12, 1, 1024)).astype(np.float32)
@@ -90,6 +94,30 @@ def test_under_concurrent_load_batches_form_and_each_answer_is_its_own(tmp_path:
     assert int(stats["inference_stats"]["success"]["count"]) == 16 * 12
     assert int(stats["execution_count"]) < 16 * 12  # requests that queued together ran together
     assert any(int(entry["batch_size"]) > 1 for entry in stats["batch_stats"])
+
+
+def test_a_request_of_a_size_never_timed_does_not_borrow_a_small_ones_estimate(
+    server: ServerThread,
+) -> None:
+    """Small requests of a model with a dynamic width run on the loop; a wider one,
+    whose run could take far longer, goes to an instance thread until its own size
+    has been timed."""
+    scheduler = server.server.registry.resolve("wide", "").scheduler
+
+    def infer(client: grpcclient.InferenceServerClient, width: int, value: float) -> None:
+        tensor = grpcclient.InferInput("x", [1, width], "FP32")
+        tensor.set_data_from_numpy(np.full((1, width), value, np.float32))
+        y = client.infer("wide", [tensor]).as_numpy("y")
+        np.testing.assert_array_equal(y, np.full((1, width), 2.0 * value))
+
+    with server.client() as client:
+        for index in range(20):
+            infer(client, 4, float(index))
+        assert scheduler.inline_runs > 0
+        before = scheduler.inline_runs
+        for index in range(5):
+            infer(client, 250_000 + index, float(index))  # a width not seen before, each time
+        assert scheduler.inline_runs == before
 
 
 def test_a_model_with_control_flow_never_runs_on_the_event_loop(server: ServerThread) -> None:

@@ -135,6 +135,13 @@ def _tag_log_lines(batch: Sequence[Pending]) -> None:
     REQUEST_ID.set(",".join(p.request.log_id for p in batch if p.request.log_id))
 
 
+def _elements(request: InferenceRequest) -> int:
+    """The size a lone request's run time is remembered under: every element of
+    every input, so that no other shape (a larger image of a model with dynamic
+    height and width, a longer text) borrows a small request's estimate."""
+    return sum(array.size for array in request.inputs.values())
+
+
 def _product(shape: Sequence[int]) -> int:
     result = 1
     for size in shape:
@@ -174,7 +181,7 @@ class Scheduler:
         self._closed = False
         self._costs = CostModel()
         self._arrivals = Arrivals()
-        # Moving average of the runs of one request, by work (rows times padded length).
+        # Moving average of the runs of a lone request, by its number of input elements.
         self._solo_ns: dict[int, float] = {}
         # GPU sessions keep per-thread state: their runs stay on the instance threads.
         self._inline = inline_runs and not runner.on_gpu
@@ -228,7 +235,7 @@ class Scheduler:
                 and self._inline
                 and self._outstanding == 0
                 and self._running == 0
-                and self._solo_ns.get(pending.rows * length, INLINE_RUN_LIMIT_NS + 1)
+                and self._solo_ns.get(_elements(request), INLINE_RUN_LIMIT_NS + 1)
                 <= INLINE_RUN_LIMIT_NS
             )
             if inline:
@@ -527,25 +534,25 @@ class Scheduler:
                 rows = sum(p.rows for p in batch)
                 work = rows * max(p.length for p in batch)  # padded elements, in rows
                 self._costs.add(work, duration)
-                if len(batch) == 1:  # the run itself, not the hand-offs around it
+                if len(batch) == 1 and self._inline:  # the run itself, not the hand-offs
                     timings = job.timings
                     self._note_solo(
-                        work,
+                        _elements(batch[0].request),
                         timings.compute_input_ns
                         + timings.compute_infer_ns
                         + timings.compute_output_ns,
                     )
         return job, failed_attempt, runs
 
-    def _note_solo(self, work: int, duration_ns: int) -> None:
+    def _note_solo(self, elements: int, duration_ns: int) -> None:
         """Remember how long one request of this size takes (under the lock)."""
-        known = self._solo_ns.get(work)
+        known = self._solo_ns.get(elements)
         if known is None:
             if len(self._solo_ns) >= _SOLO_SIZES:
                 return
-            self._solo_ns[work] = float(duration_ns)
+            self._solo_ns[elements] = float(duration_ns)
         else:
-            self._solo_ns[work] = _SOLO_SMOOTHING * duration_ns + (1 - _SOLO_SMOOTHING) * known
+            self._solo_ns[elements] = _SOLO_SMOOTHING * duration_ns + (1 - _SOLO_SMOOTHING) * known
 
     def _execute(self, job: _Job) -> tuple[RequestTimings | None, list[_Run]]:
         """Run the batch; if onnxruntime rejects it, run each request on its own.

@@ -286,6 +286,8 @@ class InferenceServicer:
                 core_request = await asyncio.to_thread(
                     decode_infer_request, request, builder, received
                 )
+                # Others may have arrived while it was decoded.
+                alone = alone and self._state.in_flight == 1
             else:
                 core_request = decode_infer_request(request, builder, received)
         except ServingError as error:
