@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -41,6 +42,13 @@ from service.protocol import grpc_service_pb2 as pb  # noqa: E402
 from service.repository import ModelRegistry  # noqa: E402
 from service.settings import Settings  # noqa: E402
 from service.statistics import RequestTimings  # noqa: E402
+
+try:
+    from service.shared_memory import SharedMemoryRegions
+except ImportError:
+    REGIONS = None
+else:
+    REGIONS = SharedMemoryRegions(enabled=False, max_tensor_bytes=2**31 - 1)
 
 
 def timed(label: str, step: Callable[[], object], seconds: float) -> float:
@@ -155,7 +163,11 @@ async def steps(model: str, seconds: float) -> None:
         builder = RequestBuilder(
             version.signature, version.label, version.text_encoder, registry.max_request_elements
         )
-        return decode_infer_request(received, builder, time.perf_counter_ns())
+        if REGIONS is None:  # checkouts before the shared-memory extension
+            old_decode: Any = decode_infer_request
+            return old_decode(received, builder, time.perf_counter_ns())  # type: ignore[no-any-return]
+        core, _ = decode_infer_request(received, builder, time.perf_counter_ns(), REGIONS)
+        return core
 
     core = decode()
     session = version.runner.thread_session()

@@ -26,6 +26,7 @@ from .metrics import MetricsEndpoint
 from .repository import ModelRegistry
 from .runtime import available_providers, runtime_version
 from .settings import Settings
+from .shared_memory import SharedMemoryRegions
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ class InferenceServer:
         )
         self.health = health.aio.HealthServicer()
         self.metrics = MetricsEndpoint(self.registry, settings.triton_metrics)
+        self.regions = SharedMemoryRegions(settings.allow_shared_memory, settings.max_message_bytes)
         self.grpc_port = 0
         self.metrics_port = 0
         self._server: grpc.aio.Server | None = None
@@ -65,7 +67,9 @@ class InferenceServer:
         """Listen on both ports; model loading continues in the background."""
         if not self.registry.root.is_dir():
             raise StartupError(f"model repository {self.registry.root} is not a folder")
-        servicer = InferenceServicer(self.registry, self.state, self.settings.model_control_mode)
+        servicer = InferenceServicer(
+            self.registry, self.state, self.regions, self.settings.model_control_mode
+        )
         server, self.grpc_port = build_grpc_server(self.settings, servicer, self.health)
         self._server = server
         await self._set_overall_health(NOT_SERVING)
@@ -163,6 +167,7 @@ class InferenceServer:
             await self._server.stop(FINAL_STOP_SECONDS)
         self.metrics.stop()
         self.registry.close()
+        self.regions.close()
         await asyncio.to_thread(self.registry.join, FINAL_STOP_SECONDS * 10)
         log.info("server stopped")
 

@@ -17,6 +17,7 @@ class Status(enum.Enum):
 
     INVALID_ARGUMENT = "INVALID_ARGUMENT"
     NOT_FOUND = "NOT_FOUND"
+    ALREADY_EXISTS = "ALREADY_EXISTS"
     UNAVAILABLE = "UNAVAILABLE"
     UNIMPLEMENTED = "UNIMPLEMENTED"
     FAILED_PRECONDITION = "FAILED_PRECONDITION"
@@ -48,6 +49,18 @@ class ModelNotFoundError(ServingError):
     """No such model, or no such version of it, in the repository."""
 
     status = Status.NOT_FOUND
+
+
+class NotFoundError(ServingError):
+    """Something the client names by its own choosing (a shared memory region) is unknown."""
+
+    status = Status.NOT_FOUND
+
+
+class AlreadyExistsError(ServingError):
+    """The client asked to create something under a name already in use."""
+
+    status = Status.ALREADY_EXISTS
 
 
 class ModelNotReadyError(ServingError):

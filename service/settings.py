@@ -189,6 +189,11 @@ class Settings:
         low=0,
         high=INT32_MAX,
     )
+    allow_shared_memory: bool = _setting(
+        False,
+        "let clients register system shared memory regions (Triton's shared-memory "
+        "extension) and pass tensors through them instead of the gRPC message",
+    )
     grpc_max_pending_calls: int = _setting(
         1000,
         "calls gRPC may hold before the server has taken them; beyond it gRPC itself turns "

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ServerThread
+from tests.conftest import ServerThread, serve
 
 
 def _perf_analyzer() -> tuple[Path, dict[str, str]]:
@@ -64,3 +64,44 @@ def test_perf_analyzer_completes_without_errors(server: ServerThread, mode: list
     assert server_section is not None, output
     assert int(server_section.group(1)) > 0
     assert re.search(r"Throughput: [\d.]+ infer/sec", output), output
+
+
+def test_perf_analyzer_with_system_shared_memory(standard_repository: Path) -> None:
+    """perf_analyzer's --shared-memory system: inputs in regions it registers, and the
+    outputs of all its concurrent requests written into one output region."""
+    binary, environment = _perf_analyzer()
+    with serve(standard_repository, allow_shared_memory=True) as server:
+        command = [
+            str(binary),
+            "-m",
+            "add_sub",
+            "-u",
+            server.url,
+            "-i",
+            "grpc",
+            "-b",
+            "2",
+            "--concurrency-range",
+            "4",
+            "--shared-memory",
+            "system",
+            "--output-shared-memory-size",
+            "1024",
+            "--measurement-mode",
+            "count_windows",
+            "--measurement-request-count",
+            "100",
+            "--max-trials",
+            "5",
+            "-s",
+            "50",
+        ]
+        result = subprocess.run(
+            command, env=environment, capture_output=True, text=True, timeout=180
+        )
+        output = result.stdout + result.stderr
+        assert result.returncode == 0, output
+        assert "error" not in output.lower() and "unable" not in output.lower(), output
+        assert re.search(r"Throughput: [\d.]+ infer/sec", output), output
+        with server.client() as client:  # perf_analyzer unregistered what it registered
+            assert not client.get_system_shared_memory_status().regions

@@ -7,10 +7,17 @@ from typing import Any
 import numpy as np
 
 from ..datatypes import DataType, decode_raw, element_count, format_shape
-from ..errors import InvalidInputError, UnsupportedError
+from ..errors import InvalidInputError, RequestTooLargeError, UnsupportedError
 from ..inference import InferenceRequest, InferenceResult, RequestBuilder
 from ..model_config import TensorSpec
 from ..protocol import grpc_service_pb2 as pb
+from ..shared_memory import (
+    OFFSET_PARAMETER,
+    REGION_PARAMETER,
+    SIZE_PARAMETER,
+    Placement,
+    SharedMemoryRegions,
+)
 from .wire import ReceivedInferRequest
 
 # Typed contents fields are wider than some element types; values are range-checked.
@@ -61,56 +68,133 @@ def python_decode_cost(received: ReceivedInferRequest) -> int:
     """Elements that decoding touches one by one; raw fixed-size tensors cost nothing."""
     request, raw = received.message, received.raw_inputs
     cost = 0
-    for position, tensor in enumerate(request.inputs):
-        if tensor.datatype == "BYTES" and position < len(raw):
-            cost += len(raw[position])  # strings are split, checked and maybe tokenized
+    raw_index = 0
+    for tensor in request.inputs:
+        in_region = REGION_PARAMETER in tensor.parameters
+        if tensor.datatype == "BYTES":
+            if in_region:  # its size is known only once read: decode it off the loop
+                cost += INLINE_DECODE_LIMIT + 1
+            elif raw_index < len(raw):
+                cost += len(raw[raw_index])  # strings are split, checked and maybe tokenized
+        if not in_region:
+            raw_index += 1
         for _, values in tensor.contents.ListFields():
             cost += len(values)
     return cost
 
 
-def decode_infer_request(
-    received: ReceivedInferRequest, builder: RequestBuilder, received_ns: int
-) -> InferenceRequest:
-    """Decode and validate every input, then the requested outputs and parameters."""
-    request, raw = received.message, received.raw_inputs
-    if raw and len(raw) != len(request.inputs):
-        raise InvalidInputError(
-            f"raw_input_contents has {len(raw)} entries but the request has "
-            f"{len(request.inputs)} inputs; send one entry per input, in the order of inputs"
-        )
+# Requested outputs that go to shared memory, by name.
+OutputPlacements = dict[str, Placement]
+
+
+def _parameter_values(tensor: Any) -> dict[str, Any]:
+    return {key: decode_parameter(key, value) for key, value in tensor.parameters.items()}
+
+
+def _input_placements(
+    request: pb.ModelInferRequest, regions: SharedMemoryRegions
+) -> list[Placement | None] | None:
+    """Each input's shared memory window, or None when no input names one."""
+    placements: list[Placement | None] | None = None
     for position, tensor in enumerate(request.inputs):
-        if "shared_memory_region" in tensor.parameters:
-            raise UnsupportedError(
-                f"input '{tensor.name}' refers to a shared memory region; this server does not "
-                "support shared memory"
+        if not tensor.parameters:
+            continue
+        placement = regions.placement(f"input '{tensor.name}'", _parameter_values(tensor))
+        if placement is not None:
+            if placements is None:
+                placements = [None] * len(request.inputs)
+            placements[position] = placement
+    return placements
+
+
+def _read_placed(
+    where: str,
+    placement: Placement,
+    datatype: DataType,
+    shape: list[int],
+    regions: SharedMemoryRegions,
+) -> bytes:
+    """The tensor's bytes out of shared memory, after checking their size without reading."""
+    if datatype.itemsize is not None:
+        expected = element_count(shape) * datatype.itemsize
+        if placement.byte_size != expected:
+            raise InvalidInputError(
+                f"{where}: shared_memory_byte_size is {placement.byte_size} but shape "
+                f"{format_shape(shape)} of {datatype.name} needs {expected} bytes"
             )
+    elif placement.byte_size > regions.max_tensor_bytes:
+        raise RequestTooLargeError(
+            f"{where}: shared_memory_byte_size {placement.byte_size} is over the "
+            f"{regions.max_tensor_bytes} bytes this server accepts for one tensor "
+            "(--max-message-bytes)"
+        )
+    return placement.read(where)
+
+
+def decode_infer_request(
+    received: ReceivedInferRequest,
+    builder: RequestBuilder,
+    received_ns: int,
+    regions: SharedMemoryRegions,
+) -> tuple[InferenceRequest, OutputPlacements]:
+    """Decode and validate every input, then the requested outputs and parameters.
+
+    Shared memory comes first: an input in a region has no raw_input_contents
+    entry, so the entries can only be counted once the regions are known.
+    """
+    request, raw = received.message, received.raw_inputs
+    placements = _input_placements(request, regions)
+    inline = len(request.inputs)
+    if placements is not None:
+        inline -= sum(1 for placement in placements if placement is not None)
+    if raw and len(raw) != inline:
+        shared = len(request.inputs) - inline
+        raise InvalidInputError(
+            f"raw_input_contents has {len(raw)} entries but the request has {inline} inputs"
+            + (f" not in shared memory ({shared} are)" if shared else "")
+            + "; send one entry per input, in the order of inputs"
+        )
+    raw_index = 0
+    for position, tensor in enumerate(request.inputs):
         spec, datatype = builder.check_input(
             position, tensor.name, tensor.datatype, list(tensor.shape)
         )
+        where = f"input '{tensor.name}'"
         typed = tensor.contents.ListFields()
-        if raw:
+        placement = placements[position] if placements is not None else None
+        if placement is not None or raw:
             if typed:
                 raise InvalidInputError(
-                    f"input '{tensor.name}' has both raw_input_contents and typed contents; "
-                    "send one or the other"
+                    f"{where} has typed contents and also "
+                    + ("a shared memory region" if placement is not None else "raw_input_contents")
+                    + "; send one or the other"
                 )
-            array = decode_raw(
-                f"input '{tensor.name}'", datatype, list(tensor.shape), raw[position]
-            )
+            if placement is not None:
+                data: bytes | memoryview = _read_placed(
+                    where, placement, datatype, list(tensor.shape), regions
+                )
+            else:
+                data = raw[raw_index]
+                raw_index += 1
+            array = decode_raw(where, datatype, list(tensor.shape), data)
         else:
             array = _decode_typed(spec, datatype, list(tensor.shape), tensor.contents)
         builder.accept(spec, array)
     requested: list[str] = []
+    output_placements: OutputPlacements = {}
     for output in request.outputs:
-        for unsupported in ("classification", "shared_memory_region"):
-            if unsupported in output.parameters:
-                raise UnsupportedError(
-                    f"output '{output.name}' asks for '{unsupported}', which this server does "
-                    "not support"
-                )
+        if "classification" in output.parameters:
+            raise UnsupportedError(
+                f"output '{output.name}' asks for 'classification', which this server does "
+                "not support"
+            )
+        if output.parameters:
+            placement = regions.placement(f"output '{output.name}'", _parameter_values(output))
+            if placement is not None:
+                output_placements[output.name] = placement
         requested.append(output.name)
-    return builder.build(request.id, requested, received_ns, decode_request_parameters(request))
+    core = builder.build(request.id, requested, received_ns, decode_request_parameters(request))
+    return core, output_placements
 
 
 def _decode_typed(
@@ -152,12 +236,32 @@ def _decode_typed(
 
 
 def encode_infer_response(
-    model_name: str, model_version: int, request_id: str, result: InferenceResult
+    model_name: str,
+    model_version: int,
+    request_id: str,
+    result: InferenceResult,
+    placements: OutputPlacements | None = None,
 ) -> pb.ModelInferResponse:
+    """The response; outputs asked for in shared memory are written there.
+
+    raw_output_contents keeps one entry per output (empty for one in shared
+    memory): clients find an output's bytes by its position.
+    """
     response = pb.ModelInferResponse(
         model_name=model_name, model_version=str(model_version), id=request_id
     )
     for output in result.outputs:
-        response.outputs.add(name=output.name, datatype=output.datatype, shape=output.shape)
-    response.raw_output_contents.extend(output.raw for output in result.outputs)
+        tensor = response.outputs.add(
+            name=output.name, datatype=output.datatype, shape=output.shape
+        )
+        placement = placements.get(output.name) if placements else None
+        if placement is None:
+            response.raw_output_contents.append(output.raw)
+            continue
+        placement.write(f"output '{output.name}'", output.raw)
+        tensor.parameters[REGION_PARAMETER].string_param = placement.region.name
+        tensor.parameters[SIZE_PARAMETER].int64_param = len(output.raw)
+        if placement.offset:
+            tensor.parameters[OFFSET_PARAMETER].int64_param = placement.offset
+        response.raw_output_contents.append(b"")
     return response

@@ -16,6 +16,7 @@ log = logging.getLogger(__name__)
 GRPC_CODES: dict[Status, grpc.StatusCode] = {
     Status.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
     Status.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    Status.ALREADY_EXISTS: grpc.StatusCode.ALREADY_EXISTS,
     Status.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
     Status.UNIMPLEMENTED: grpc.StatusCode.UNIMPLEMENTED,
     Status.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,

@@ -24,6 +24,7 @@ from ..logs import ACCESS_LOGGER, REQUEST_ID, new_request_id
 from ..model_config import PLATFORM, ModelConfigError, parse_config_json
 from ..protocol import grpc_service_pb2 as pb
 from ..repository import ModelRegistry, ModelVersion, parse_version
+from ..shared_memory import SharedMemoryRegions
 from ..statistics import Duration, StatsSnapshot
 from .auth import TokenGuard
 from .codec import (
@@ -44,6 +45,8 @@ SERVER_NAME = "batchwise"
 EXTENSIONS = ("model_configuration", "statistics")
 # Added in explicit model control mode, where RepositoryModelLoad/Unload work.
 CONTROL_EXTENSIONS = ("model_repository",)
+# Added with --allow-shared-memory.
+SHARED_MEMORY_EXTENSIONS = ("system_shared_memory",)
 
 
 def _duration(target: pb.StatisticDuration, source: Duration) -> None:
@@ -71,10 +74,15 @@ def _statistics(version: ModelVersion, snapshot: StatsSnapshot) -> pb.ModelStati
 
 class InferenceServicer:
     def __init__(
-        self, registry: ModelRegistry, state: ServerState, control_mode: str = "none"
+        self,
+        registry: ModelRegistry,
+        state: ServerState,
+        regions: SharedMemoryRegions,
+        control_mode: str = "none",
     ) -> None:
         self._registry = registry
         self._state = state
+        self._regions = regions
         self._control_mode = control_mode
 
     # ------------------------------------------------------------- health ---
@@ -107,6 +115,8 @@ class InferenceServicer:
         extensions = list(EXTENSIONS)
         if self._control_mode == "explicit":
             extensions += CONTROL_EXTENSIONS
+        if self._regions.enabled:
+            extensions += SHARED_MEMORY_EXTENSIONS
         return pb.ServerMetadataResponse(
             name=SERVER_NAME, version=__version__, extensions=extensions
         )
@@ -235,6 +245,51 @@ class InferenceServicer:
         await self._registry.unload_model(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
+    # ------------------------------------------------------ shared memory ---
+
+    @translate_errors
+    async def SystemSharedMemoryRegister(
+        self, request: pb.SystemSharedMemoryRegisterRequest, context: Any
+    ) -> pb.SystemSharedMemoryRegisterResponse:
+        self._regions.register(request.name, request.key, request.offset, request.byte_size)
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    @translate_errors
+    async def SystemSharedMemoryStatus(
+        self, request: pb.SystemSharedMemoryStatusRequest, context: Any
+    ) -> pb.SystemSharedMemoryStatusResponse:
+        response = pb.SystemSharedMemoryStatusResponse()
+        for region in self._regions.status(request.name):
+            entry = response.regions[region.name]
+            entry.name, entry.key = region.name, region.key
+            entry.offset, entry.byte_size = region.offset, region.byte_size
+        return response
+
+    @translate_errors
+    async def SystemSharedMemoryUnregister(
+        self, request: pb.SystemSharedMemoryUnregisterRequest, context: Any
+    ) -> pb.SystemSharedMemoryUnregisterResponse:
+        self._regions.unregister(request.name)
+        return pb.SystemSharedMemoryUnregisterResponse()
+
+    # No CUDA region can be registered (CudaSharedMemoryRegister stays unimplemented), so
+    # status lists none and unregistering succeeds: clients such as perf_analyzer clean
+    # up both kinds of regions after using system shared memory.
+
+    @translate_errors
+    async def CudaSharedMemoryStatus(
+        self, request: pb.CudaSharedMemoryStatusRequest, context: Any
+    ) -> pb.CudaSharedMemoryStatusResponse:
+        self._regions.status_cuda(request.name)
+        return pb.CudaSharedMemoryStatusResponse()
+
+    @translate_errors
+    async def CudaSharedMemoryUnregister(
+        self, request: pb.CudaSharedMemoryUnregisterRequest, context: Any
+    ) -> pb.CudaSharedMemoryUnregisterResponse:
+        self._regions.unregister_cuda(request.name)
+        return pb.CudaSharedMemoryUnregisterResponse()
+
     # ---------------------------------------------------------- inference ---
 
     async def _infer(
@@ -283,13 +338,15 @@ class InferenceServicer:
         )
         try:
             if python_decode_cost(request) > INLINE_DECODE_LIMIT:
-                core_request = await asyncio.to_thread(
-                    decode_infer_request, request, builder, received
+                core_request, placements = await asyncio.to_thread(
+                    decode_infer_request, request, builder, received, self._regions
                 )
                 # Others may have arrived while it was decoded.
                 alone = alone and self._state.in_flight == 1
             else:
-                core_request = decode_infer_request(request, builder, received)
+                core_request, placements = decode_infer_request(
+                    request, builder, received, self._regions
+                )
         except ServingError as error:
             version.record_failure(received, error.status)
             raise
@@ -297,7 +354,9 @@ class InferenceServicer:
             core_request.deadline_ns = received + int(time_remaining * 1e9)
         core_request.log_id = REQUEST_ID.get()
         result = await version.infer(core_request, alone)
-        return encode_infer_response(version.name, version.version, request.message.id, result)
+        return encode_infer_response(
+            version.name, version.version, request.message.id, result, placements
+        )
 
     @translate_errors
     async def ModelInfer(
