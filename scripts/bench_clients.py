@@ -140,11 +140,12 @@ def perf_analyzer(
     concurrency: int,
     seconds: float,
     shapes: dict[str, int] | None = None,
+    extra: list[str] | None = None,
 ) -> Load | None:
     """perf_analyzer's closed loop: three windows of seconds/3, no stability gate.
 
-    `shapes`: lengths of variable dims, per input (sent as zeros). None if
-    perf_analyzer is not installed or fails.
+    `shapes`: lengths of variable dims, per input (sent as zeros); `extra`: more of
+    perf_analyzer's flags. None if perf_analyzer is not installed or fails.
     """
     binary = perf_analyzer_binary()
     if binary is None:
@@ -187,6 +188,7 @@ def perf_analyzer(
             "-f",
             str(report),
         ]
+        command += extra or []
         if shapes:
             command += ["--input-data", "zero"]
             for name, length in shapes.items():

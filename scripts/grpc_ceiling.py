@@ -21,16 +21,16 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from service.grpc_api.servicer import InferenceServicer
+from service.grpc_api.infer import InferenceCalls
 from service.grpc_api.wire import ReceivedInferRequest
 from service.protocol import grpc_service_pb2 as pb
 
-_real_model_infer = InferenceServicer.ModelInfer
+_real_model_infer = InferenceCalls.ModelInfer
 _answers: dict[tuple[str, str, tuple[tuple[int, ...], ...]], pb.ModelInferResponse] = {}
 
 
 async def _answer_from_cache(
-    self: InferenceServicer, request: ReceivedInferRequest, context: Any
+    self: InferenceCalls, request: ReceivedInferRequest, context: Any
 ) -> pb.ModelInferResponse:
     message = request.message
     key = (
@@ -51,7 +51,7 @@ async def _answer_from_cache(
 def main() -> int:
     from service.cli import main as serve
 
-    InferenceServicer.ModelInfer = _answer_from_cache  # type: ignore[method-assign]
+    InferenceCalls.ModelInfer = _answer_from_cache  # type: ignore[method-assign]
     return serve()
 
 

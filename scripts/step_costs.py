@@ -119,7 +119,7 @@ async def call_bookkeeping(seconds: float) -> None:
     """What a call's own bookkeeping costs, inside a real grpc.aio handler."""
     import grpc
 
-    from service.grpc_api.servicer import _access_log, _request_id
+    from service.grpc_api.infer import _access_log, _request_id
     from service.logs import REQUEST_ID
 
     async def handler(request: bytes, context: grpc.aio.ServicerContext) -> bytes:

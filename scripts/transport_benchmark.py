@@ -3,6 +3,7 @@
     python scripts/transport_benchmark.py                         # this checkout, ~1 minute
     python scripts/transport_benchmark.py --against ../old-tree   # A/B with another checkout
     python scripts/transport_benchmark.py --ceiling               # and grpc_ceiling.py's bound
+    python scripts/transport_benchmark.py --shared-memory         # and the image in shared memory
     python scripts/transport_benchmark.py --fixed-cost 384 --concurrency 32 \
         --server-cpus 0-1 --client-cpus 1                         # GPU-like: batches form
 
@@ -19,6 +20,10 @@ NxN matrix products on one thread; 384 is about 2.4 ms here), as a GPU's run
 does not: requests then queue and merge, and each round also prints the
 server's mean batch and its time per batch merging inputs ("merge"), running
 the model and encoding outputs, from ModelStatistics.
+
+`--shared-memory` adds a run of this tree with --allow-shared-memory where
+perf_analyzer passes the image and the answer through system shared memory
+(`--shared-memory system`) instead of the gRPC message.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import statistics
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -99,6 +105,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--against", type=Path, help="another checkout to alternate with")
     parser.add_argument("--ceiling", action="store_true", help="also grpc_ceiling.py (this tree)")
+    parser.add_argument(
+        "--shared-memory", action="store_true", help="also the same load in system shared memory"
+    )
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=6.0, help="per measurement")
     parser.add_argument("--rounds", type=int, default=4)
@@ -121,6 +130,12 @@ def main() -> int:
         runs["against"] = {"tree": options.against.resolve()}
     if options.ceiling:
         runs["ceiling"] = {"tree": ROOT, "entry": [str(ROOT / "scripts" / "grpc_ceiling.py")]}
+    if options.shared_memory:
+        runs["shm"] = {
+            "tree": ROOT,
+            "server": ["--allow-shared-memory"],
+            "client": ["--shared-memory", "system", "--output-shared-memory-size", "64"],
+        }
     results: dict[str, list[float]] = {name: [] for name in runs}
 
     os.sched_setaffinity(0, client_cpus)  # perf_analyzer inherits it
@@ -132,6 +147,7 @@ def main() -> int:
                     repository,
                     metrics=False,
                     entry=run.get("entry"),  # type: ignore[arg-type]
+                    extra=run.get("server"),  # type: ignore[arg-type]
                     tree=run["tree"],  # type: ignore[arg-type]
                     cpus=server_cpus,
                 )
@@ -140,10 +156,11 @@ def main() -> int:
                     before = benchmark.server_side(server.url, MODEL) if counted else None
                     # perf_analyzer gives up when its windows disagree by over 100%,
                     # which a shared machine sometimes causes: one more try, then skip.
+                    flags: Any = run.get("client")
                     point = benchmark.perf_analyzer(
-                        server.url, MODEL, options.concurrency, options.seconds
+                        server.url, MODEL, options.concurrency, options.seconds, extra=flags
                     ) or benchmark.perf_analyzer(
-                        server.url, MODEL, options.concurrency, options.seconds
+                        server.url, MODEL, options.concurrency, options.seconds, extra=flags
                     )
                     after = benchmark.server_side(server.url, MODEL) if counted else None
                 finally:
@@ -182,6 +199,16 @@ def main() -> int:
         )
     if "ceiling" in medians:
         print(f"  this / ceiling: {medians['this'] / medians['ceiling']:.0%}")
+    if "shm" in medians:
+        ratios = [
+            shared / wire
+            for shared, wire in zip(results["shm"], results["this"], strict=True)
+            if not (math.isnan(shared) or math.isnan(wire))
+        ]
+        print(
+            f"  shared memory / over the wire: {medians['shm'] / medians['this']:.2f}x "
+            f"(per round: {', '.join(f'{r:.2f}' for r in ratios)})"
+        )
     return 0
 
 

@@ -20,6 +20,7 @@ from grpc_health.v1 import health, health_pb2
 from . import fatal
 from .admission import ServerState
 from .errors import StartupError
+from .grpc_api.infer import InferenceCalls
 from .grpc_api.server import build_grpc_server
 from .grpc_api.servicer import SERVICE_NAME, InferenceServicer
 from .metrics import MetricsEndpoint
@@ -70,7 +71,8 @@ class InferenceServer:
         servicer = InferenceServicer(
             self.registry, self.state, self.regions, self.settings.model_control_mode
         )
-        server, self.grpc_port = build_grpc_server(self.settings, servicer, self.health)
+        calls = InferenceCalls(self.registry, self.state, self.regions)
+        server, self.grpc_port = build_grpc_server(self.settings, (calls, servicer), self.health)
         self._server = server
         await self._set_overall_health(NOT_SERVING)
         await server.start()

@@ -325,7 +325,8 @@ class SharedMemoryRegions:
                         f"'{REGION_PARAMETER}' and '{SIZE_PARAMETER}' or neither"
                     )
             return None
-        self._check_enabled()
+        if not self.enabled:
+            raise UnsupportedError(f"{what} names a shared memory region; {DISABLED_MESSAGE}")
         if not isinstance(name, str):
             raise InvalidInputError(
                 f"{what}: parameter '{REGION_PARAMETER}' must be a string (string_param)"

@@ -164,10 +164,9 @@ def decode_infer_request(
         placement = placements[position] if placements is not None else None
         if placement is not None or raw:
             if typed:
+                source = "a shared memory region" if placement is not None else "raw_input_contents"
                 raise InvalidInputError(
-                    f"{where} has typed contents and also "
-                    + ("a shared memory region" if placement is not None else "raw_input_contents")
-                    + "; send one or the other"
+                    f"{where} has both {source} and typed contents; send one or the other"
                 )
             if placement is not None:
                 data: bytes | memoryview = _read_placed(

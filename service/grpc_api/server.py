@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ssl
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -13,7 +15,7 @@ from ..errors import StartupError
 from ..protocol import POOL
 from ..settings import Settings
 from .auth import TokenGuard
-from .servicer import SERVICE_NAME, InferenceServicer, rpc_handler
+from .servicer import SERVICE_NAME, rpc_handler
 
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
@@ -65,15 +67,23 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
 
 
 def build_grpc_server(
-    settings: Settings, servicer: InferenceServicer, health_servicer: health.aio.HealthServicer
+    settings: Settings,
+    implementations: Sequence[object],
+    health_servicer: health.aio.HealthServicer,
+    fallback: Callable[[str, Any], Any] | None = None,
+    reuse_port: bool = False,
 ) -> tuple[grpc.aio.Server, int]:
-    """Create the server and bind its port; returns the server and the bound port."""
+    """Create the server and bind its port; returns the server and the bound port.
+
+    `reuse_port`: front-end processes share one port (SO_REUSEPORT); the kernel
+    spreads connections across them.
+    """
     limit = settings.max_message_bytes
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
             # Calls gRPC accepted that the server has not yet taken from it wait here,
             # unseen by the server's own limits; bound them (soft = hard: no random drops).
             ("grpc.server.max_pending_requests", settings.grpc_max_pending_calls),
@@ -81,7 +91,7 @@ def build_grpc_server(
         ]
     )
     guard = TokenGuard(settings.auth_token, settings.admin_token)
-    server.add_generic_rpc_handlers((rpc_handler(servicer, guard),))
+    server.add_generic_rpc_handlers((rpc_handler(implementations, guard, fallback),))
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     _register_health_descriptor()
     reflection.enable_server_reflection(

@@ -1,11 +1,14 @@
-"""inference.GRPCInferenceService: thin handlers over the model registry."""
+"""inference.GRPCInferenceService: thin handlers over the model registry.
+
+The inference RPCs themselves live in infer.py; `rpc_handler` puts both
+together, or, in a front-end process, the inference RPCs and a forwarder to the
+engine for everything else.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
@@ -19,22 +22,14 @@ from ..errors import (
     Status,
     UnsupportedError,
 )
-from ..inference import RequestBuilder
-from ..logs import ACCESS_LOGGER, REQUEST_ID, new_request_id
 from ..model_config import PLATFORM, ModelConfigError, parse_config_json
 from ..protocol import grpc_service_pb2 as pb
 from ..repository import ModelRegistry, ModelVersion, parse_version
 from ..shared_memory import SharedMemoryRegions
 from ..statistics import Duration, StatsSnapshot
 from .auth import TokenGuard
-from .codec import (
-    INLINE_DECODE_LIMIT,
-    decode_infer_request,
-    encode_infer_response,
-    python_decode_cost,
-)
-from .errors import GRPC_CODES, INTERNAL_MESSAGE, translate_errors
-from .wire import MalformedRequest, ReceivedInferRequest, receive_infer_request, tolerant
+from .errors import GRPC_CODES, translate_errors
+from .wire import MalformedRequest, receive_infer_request, tolerant
 
 log = logging.getLogger(__name__)
 
@@ -290,199 +285,6 @@ class InferenceServicer:
         self._regions.unregister_cuda(request.name)
         return pb.CudaSharedMemoryUnregisterResponse()
 
-    # ---------------------------------------------------------- inference ---
-
-    async def _infer(
-        self, request: ReceivedInferRequest, time_remaining: float | None = None
-    ) -> pb.ModelInferResponse:
-        received = time.perf_counter_ns()
-        state = self._state
-        state.admit_inference()
-        state.request_started()
-        alone = state.alone()
-        try:
-            return await self._infer_admitted(request, received, time_remaining, alone)
-        finally:
-            state.request_finished()
-            if alone:
-                state.linger()
-
-    async def _infer_admitted(
-        self,
-        request: ReceivedInferRequest,
-        received: int,
-        time_remaining: float | None,
-        alone: bool,
-    ) -> pb.ModelInferResponse:
-        version = self._registry.resolve(request.message.model_name, request.message.model_version)
-        # Held until the answer is built: a replaced or unloaded version waits for this.
-        version.enter()
-        try:
-            return await self._infer_on(version, request, received, time_remaining, alone)
-        finally:
-            version.leave()
-
-    async def _infer_on(
-        self,
-        version: ModelVersion,
-        request: ReceivedInferRequest,
-        received: int,
-        time_remaining: float | None,
-        alone: bool,
-    ) -> pb.ModelInferResponse:
-        builder = RequestBuilder(
-            version.signature,
-            version.label,
-            version.text_encoder,
-            self._registry.max_request_elements,
-        )
-        try:
-            if python_decode_cost(request) > INLINE_DECODE_LIMIT:
-                core_request, placements = await asyncio.to_thread(
-                    decode_infer_request, request, builder, received, self._regions
-                )
-                # Others may have arrived while it was decoded.
-                alone = alone and self._state.in_flight == 1
-            else:
-                core_request, placements = decode_infer_request(
-                    request, builder, received, self._regions
-                )
-        except ServingError as error:
-            version.record_failure(received, error.status)
-            raise
-        if time_remaining is not None:
-            core_request.deadline_ns = received + int(time_remaining * 1e9)
-        core_request.log_id = REQUEST_ID.get()
-        result = await version.infer(core_request, alone)
-        return encode_infer_response(
-            version.name, version.version, request.message.id, result, placements
-        )
-
-    @translate_errors
-    async def ModelInfer(
-        self, request: ReceivedInferRequest, context: Any
-    ) -> pb.ModelInferResponse:
-        request_id = _request_id(context)
-        REQUEST_ID.set(request_id)
-        # Trailing metadata rides along with the status: no extra message on the wire.
-        context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
-        started = time.perf_counter_ns()
-        code = "INTERNAL"
-        try:
-            response = await self._infer(request, context.time_remaining())
-            code = "OK"
-            return response
-        except ServingError as error:
-            code = error.status.value
-            raise
-        except asyncio.CancelledError:
-            code = "CANCELLED"
-            raise
-        finally:
-            _access_log(request.message, code, started)
-
-    async def ModelStreamInfer(
-        self,
-        requests: AsyncIterator[ReceivedInferRequest | MalformedRequest],
-        context: grpc.aio.ServicerContext,
-    ) -> None:
-        """Requests on one stream run concurrently; each response or error is written as it ends.
-
-        A failed request is reported in its response's error_message and the
-        stream carries on, as Triton does.
-        """
-        write_lock = asyncio.Lock()
-        pending: set[asyncio.Task[None]] = set()
-
-        stream_id = _request_id(context)
-        context.set_trailing_metadata(((REQUEST_ID_HEADER, stream_id),))
-
-        async def serve_one(request: ReceivedInferRequest, index: int) -> None:
-            REQUEST_ID.set(f"{stream_id}/{index}")
-            started = time.perf_counter_ns()
-            code = "OK"
-            try:
-                reply = pb.ModelStreamInferResponse(infer_response=await self._infer(request))
-            except ServingError as error:
-                code = error.status.value
-                reply = self._stream_error(request.message, error.message)
-            except Exception:
-                code = "INTERNAL"
-                log.exception("unexpected error in ModelStreamInfer")
-                reply = self._stream_error(request.message, INTERNAL_MESSAGE)
-            _access_log(request.message, code, started)
-            async with write_lock:
-                await context.write(reply)
-
-        async def refuse_one(malformed: MalformedRequest) -> None:
-            reply = self._stream_error(pb.ModelInferRequest(), malformed.describe())
-            async with write_lock:
-                await context.write(reply)
-
-        try:
-            index = 0
-            async for request in requests:
-                if isinstance(request, MalformedRequest):
-                    # The stream's framing is intact: answer this message, read the next.
-                    task = asyncio.create_task(refuse_one(request))
-                else:
-                    task = asyncio.create_task(serve_one(request, index))
-                index += 1
-                pending.add(task)
-                task.add_done_callback(pending.discard)
-            if pending:
-                await asyncio.gather(*pending)
-        finally:
-            # The client went away or the server is stopping: nobody will read the rest.
-            for task in pending:
-                task.cancel()
-
-    @staticmethod
-    def _stream_error(request: pb.ModelInferRequest, message: str) -> pb.ModelStreamInferResponse:
-        reply = pb.ModelStreamInferResponse(error_message=message)
-        reply.infer_response.model_name = request.model_name
-        reply.infer_response.model_version = request.model_version
-        reply.infer_response.id = request.id
-        return reply
-
-
-REQUEST_ID_HEADER = "x-request-id"
-_access = logging.getLogger(ACCESS_LOGGER)
-
-
-def _request_id(context: Any) -> str:
-    """The client's x-request-id (bounded to 128 printable characters), or a new one."""
-    for key, value in context.invocation_metadata() or ():
-        if key == REQUEST_ID_HEADER and isinstance(value, str):
-            cleaned = "".join(ch for ch in value[:128] if ch.isprintable())
-            if cleaned:
-                return cleaned
-    return new_request_id()
-
-
-def _access_log(request: pb.ModelInferRequest, code: str, started_ns: int) -> None:
-    if not _access.isEnabledFor(logging.INFO):
-        return
-    rows = request.inputs[0].shape[0] if request.inputs and request.inputs[0].shape else 0
-    milliseconds = (time.perf_counter_ns() - started_ns) / 1e6
-    _access.info(
-        "model=%s version=%s code=%s rows=%d duration_ms=%.3f",
-        request.model_name,
-        request.model_version or "-",
-        code,
-        rows,
-        milliseconds,
-        extra={
-            "fields": {
-                "model": request.model_name,
-                "version": request.model_version,
-                "code": code,
-                "rows": rows,
-                "duration_ms": round(milliseconds, 3),
-            }
-        },
-    )
-
 
 def unimplemented(method: str) -> Callable[[Any, grpc.aio.ServicerContext], Any]:
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -516,15 +318,32 @@ def _guarded(method: str, implementation: Any, guard: TokenGuard) -> Any:
 
 
 def rpc_handler(
-    servicer: InferenceServicer, guard: TokenGuard | None = None
+    implementations: Sequence[object],
+    guard: TokenGuard | None = None,
+    fallback: Callable[[str, Any], Any] | None = None,
 ) -> grpc.GenericRpcHandler:
-    """Method handlers for every RPC in the service descriptor, implemented or not."""
+    """Method handlers for every RPC in the service descriptor, implemented or not.
+
+    Each RPC is the first of `implementations` that has a method of its name.
+    """
     service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
     handlers = {}
     for method in service.methods:
         request_type = getattr(pb, method.input_type.name)
         response_type = getattr(pb, method.output_type.name)
-        implementation = getattr(servicer, method.name, None) or unimplemented(method.name)
+        implementation = next(
+            (
+                getattr(found, method.name)
+                for found in implementations
+                if hasattr(found, method.name)
+            ),
+            None,
+        )
+        if implementation is None:
+            # `fallback(method, response type)`: a front end forwards the rest to the engine.
+            implementation = (
+                fallback(method.name, response_type) if fallback else unimplemented(method.name)
+            )
         if not method.client_streaming:  # a stream's messages are checked one by one
             implementation = _refusing_malformed(implementation)
         if guard is not None and guard.enabled:
