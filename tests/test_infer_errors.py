@@ -405,9 +405,7 @@ def test_fp16_has_no_typed_field(stub: object) -> None:
 @pytest.mark.parametrize(
     ("rpc", "message"),
     [
-        ("SystemSharedMemoryStatus", service_pb2.SystemSharedMemoryStatusRequest()),
         ("CudaSharedMemoryRegister", service_pb2.CudaSharedMemoryRegisterRequest()),
-        ("SystemSharedMemoryRegister", service_pb2.SystemSharedMemoryRegisterRequest()),
         ("TraceSetting", service_pb2.TraceSettingRequest()),
     ],
 )

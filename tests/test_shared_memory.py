@@ -400,6 +400,13 @@ def test_off_by_default(server: ServerThread) -> None:
             connection.register_system_shared_memory("r", "/anything", 64)
         assert refused.value.status() == "StatusCode.UNIMPLEMENTED"
         assert "--allow-shared-memory" in refused.value.message()
+        for call in (
+            connection.get_system_shared_memory_status,
+            connection.unregister_system_shared_memory,
+        ):
+            with pytest.raises(InferenceServerException) as refused:
+                call()
+            assert refused.value.status() == "StatusCode.UNIMPLEMENTED"
         in0 = grpcclient.InferInput("INPUT0", [1, 16], "FP32")
         in0.set_shared_memory("r", 64)
         in1 = grpcclient.InferInput("INPUT1", [1, 16], "FP32")
@@ -407,6 +414,7 @@ def test_off_by_default(server: ServerThread) -> None:
         with pytest.raises(InferenceServerException) as refused:
             connection.infer("add_sub", [in0, in1])
         assert refused.value.status() == "StatusCode.UNIMPLEMENTED"
+        assert "input 'INPUT0' names a shared memory region" in refused.value.message()
         assert "--allow-shared-memory" in refused.value.message()
 
 
