@@ -15,9 +15,19 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Protocol
 
 from .errors import ServerUnavailableError
-from .repository import ModelRegistry
+
+
+class Loading(Protocol):
+    """Where readiness comes from: the model registry, or a front end's copy of it."""
+
+    @property
+    def loading_done(self) -> bool: ...
+
+    def all_ready(self) -> bool: ...
+
 
 # The event loop must have slept at least this long since the server last had nothing in
 # flight for a new request to count as alone: under load it never sleeps.
@@ -34,7 +44,7 @@ class ServerState:
 
     def __init__(
         self,
-        registry: ModelRegistry,
+        registry: Loading,
         strict: bool,
         max_in_flight: int = 0,
         linger_ns: int = 0,

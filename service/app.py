@@ -13,6 +13,7 @@ import asyncio
 import logging
 import signal
 import sys
+from collections.abc import Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2
@@ -44,8 +45,16 @@ class FatalServerError(Exception):
 
 
 class InferenceServer:
-    def __init__(self, settings: Settings) -> None:
+    """The whole server in one process, or, with `listen=False`, the engine behind
+    front-end processes (service.engine): everything but the gRPC port."""
+
+    def __init__(self, settings: Settings, listen: bool = True) -> None:
         self.settings = settings
+        self._listen = listen
+        # Called whenever what the server serves or reports as healthy may have changed.
+        self.change_listeners: list[Callable[[], None]] = []
+        # Set by the engine: the supervisor announces readiness once front ends listen too.
+        self.on_loaded: Callable[[str], None] | None = None
         self.registry = ModelRegistry(settings)
         self.state = ServerState(
             self.registry,
@@ -68,15 +77,18 @@ class InferenceServer:
         """Listen on both ports; model loading continues in the background."""
         if not self.registry.root.is_dir():
             raise StartupError(f"model repository {self.registry.root} is not a folder")
-        servicer = InferenceServicer(
+        self.servicer = InferenceServicer(
             self.registry, self.state, self.regions, self.settings.model_control_mode
         )
-        calls = InferenceCalls(self.registry, self.state, self.regions)
-        server, self.grpc_port = build_grpc_server(self.settings, (calls, servicer), self.health)
-        self._server = server
         await self._set_overall_health(NOT_SERVING)
-        await server.start()
-        log.info("gRPC server listening on %s:%d", self.settings.grpc_host, self.grpc_port)
+        if self._listen:
+            calls = InferenceCalls(self.registry, self.state, self.regions)
+            server, self.grpc_port = build_grpc_server(
+                self.settings, (calls, self.servicer), self.health
+            )
+            self._server = server
+            await server.start()
+            log.info("gRPC server listening on %s:%d", self.settings.grpc_host, self.grpc_port)
         if self.settings.metrics_port >= 0:
             self.metrics_port = self.metrics.start(
                 self.settings.metrics_host, self.settings.metrics_port
@@ -112,7 +124,12 @@ class InferenceServer:
         names = [name.strip() for name in self.settings.load_model.split(",") if name.strip()]
         return None if "*" in names else names
 
+    def _notify_listeners(self) -> None:
+        for listener in self.change_listeners:
+            listener()
+
     def _model_changed(self, name: str) -> None:
+        self._notify_listeners()
         status = SERVING if self.registry.is_ready(name) else NOT_SERVING
         task = asyncio.create_task(self._update_health(name, status))
         self._health_updates.add(task)
@@ -137,9 +154,14 @@ class InferenceServer:
             status = SERVING if self.registry.is_ready(name) else NOT_SERVING
             await self.health.set(name, status)
         await self._set_overall_health(SERVING if self.state.ready else NOT_SERVING)
+        self._notify_listeners()
         entries = self.registry.index(ready_only=False)
         ready = sum(1 for entry in entries if entry.state == "READY")
-        log.info("server ready: %d of %d model versions ready", ready, len(entries))
+        summary = f"{ready} of {len(entries)} model versions ready"
+        if self.on_loaded is not None:
+            self.on_loaded(summary)
+        else:
+            log.info("server ready: %s", summary)
         if polling:
             self._polling = asyncio.create_task(
                 self.registry.poll(self.settings.repository_poll_seconds, snapshot)
@@ -153,6 +175,7 @@ class InferenceServer:
         """Drain: refuse new work, let in-flight requests finish, then close."""
         grace = self.settings.shutdown_grace_seconds if grace_seconds is None else grace_seconds
         self.state.draining = True
+        self._notify_listeners()
         await self.health.enter_graceful_shutdown()
         log.info("shutting down: %d request(s) in flight, grace %.1fs", self.state.in_flight, grace)
         try:

@@ -119,6 +119,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(error))
     configure_logging(settings.log_level_number, settings.log_format, settings.access_log)
     if arguments.command == "serve":
+        from .supervisor import Supervisor, frontend_count
+
+        frontends = frontend_count(settings)
+        if frontends > 0:
+            return Supervisor(settings, frontends).run()
         from .app import FatalServerError, serve  # imports onnxruntime; keep --help fast
         from .fatal import EXIT_CODE
 

@@ -35,6 +35,10 @@ class DataType:
     def is_bytes(self) -> bool:
         return self.itemsize is None
 
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        """Unpickled (in a front-end process) as the same instance: compared by identity."""
+        return (_named, (self.name,))
+
 
 def _fixed(name: str, config: str, ort: str, dtype: str, contents: str | None) -> DataType:
     wire_dtype = np.dtype(dtype).newbyteorder("<")
@@ -67,6 +71,10 @@ BY_CONFIG_NAME = {dt.config_name: dt for dt in DATATYPES.values()}
 BY_ORT_TYPE = {dt.ort_type: dt for dt in DATATYPES.values()}
 
 _LENGTH_PREFIX = struct.Struct("<I")
+
+
+def _named(name: str) -> DataType:
+    return DATATYPES[name]
 
 
 def lookup(datatype: str, tensor: str) -> DataType:

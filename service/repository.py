@@ -666,6 +666,10 @@ class ModelRegistry:
             raise ModelNotReadyError(f"model '{name}' version {number} is not ready: {detail}")
         return found.loaded
 
+    async def find(self, name: str, version: str) -> ModelVersion:
+        """`resolve` for the inference path, which a front end answers over IPC."""
+        return self.resolve(name, version)
+
     def is_ready(self, name: str, version: str = "") -> bool:
         try:
             self.resolve(name, version)

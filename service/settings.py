@@ -25,6 +25,9 @@ CONV_ALGO_SEARCHES = ("HEURISTIC", "EXHAUSTIVE", "DEFAULT")
 ARENA_STRATEGIES = ("kSameAsRequested", "kNextPowerOfTwo")
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 SPINNING_MODES = ("auto", "on", "off")
+# --frontend-processes -1: front ends only where there are cores to spare for them.
+FRONTENDS_MIN_CORES = 4
+AUTO_FRONTENDS = 2
 
 
 def _setting(
@@ -188,6 +191,22 @@ class Settings:
         "at once with UNAVAILABLE before their tensors are decoded; 0 = no limit",
         low=0,
         high=INT32_MAX,
+    )
+    frontend_processes: int = _setting(
+        -1,
+        "gRPC front-end processes in front of one engine process (SO_REUSEPORT on one port); "
+        "0 = front end and engine in one process; -1 = chosen from the core count: 0 below "
+        f"{FRONTENDS_MIN_CORES} cores, else {AUTO_FRONTENDS}",
+        low=-1,
+        high=64,
+    )
+    frontend_slab_bytes: int = _setting(
+        64 * 1024 * 1024,
+        "shared memory each front end and the engine set aside for the tensors in flight "
+        "between them, each way (a request that does not fit is refused with "
+        "RESOURCE_EXHAUSTED)",
+        low=1024 * 1024,
+        high=2**40,
     )
     allow_shared_memory: bool = _setting(
         False,

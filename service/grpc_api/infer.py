@@ -60,7 +60,7 @@ class Models(Protocol):
     @property
     def max_request_elements(self) -> int: ...
 
-    def resolve(self, name: str, version: str) -> ServedVersion: ...
+    async def find(self, name: str, version: str) -> ServedVersion: ...
 
 
 class InferenceCalls:
@@ -91,7 +91,9 @@ class InferenceCalls:
         time_remaining: float | None,
         alone: bool,
     ) -> pb.ModelInferResponse:
-        version = self._registry.resolve(request.message.model_name, request.message.model_version)
+        version = await self._registry.find(
+            request.message.model_name, request.message.model_version
+        )
         # Held until the answer is built: a replaced or unloaded version waits for this.
         version.enter()
         try:

@@ -1,0 +1,487 @@
+"""A front-end process: the gRPC port's per-call work, in front of the engine.
+
+Several front ends listen on one port (SO_REUSEPORT) and each does, on its
+own interpreter and core, what costs Python time per call: receiving and
+parsing the message, auth, decoding and checking tensors against the
+signature, tokenizing, and encoding the answer. The checked tensors go to the
+engine through this front end's slab; the answer comes back through the
+engine's. Every other RPC is forwarded to the engine as it arrived. What the
+front end knows of the models (signatures, readiness for health) and of the
+client's shared memory regions, it is told by the engine whenever it changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import pickle
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2
+
+from .admission import ServerState
+from .errors import (
+    ModelNotReadyError,
+    RequestTooLargeError,
+    ServerUnavailableError,
+    ServingError,
+    Status,
+)
+from .grpc_api.errors import GRPC_CODES
+from .grpc_api.infer import InferenceCalls
+from .grpc_api.server import build_grpc_server
+from .inference import InferenceRequest, InferenceResult, OutputTensor
+from .ipc import (
+    TEXT,
+    Ack,
+    Answer,
+    Call,
+    Catalog,
+    CatalogModel,
+    CatalogVersion,
+    Channel,
+    Failure,
+    Hello,
+    Infer,
+    Refusal,
+    Regions,
+    Release,
+    Reply,
+    TensorRef,
+    Welcome,
+)
+from .model_config import ModelSignature
+from .protocol import grpc_service_pb2 as pb
+from .settings import Settings
+from .shared_memory import SharedMemoryRegions
+from .slabs import Slab, SlabAllocator, slab_prefix
+from .supervisor import STOP_SIGNAL
+from .text import TextEncoder
+
+log = logging.getLogger(__name__)
+
+CONNECT_SECONDS = 60.0
+
+
+class EngineGoneError(ServerUnavailableError):
+    """The engine closed the connection: this front end can serve nothing more."""
+
+
+def _serialized_text(array: np.ndarray) -> bytes:
+    """Text elements as length-prefixed UTF-8, the BYTES wire layout."""
+    parts: list[bytes] = []
+    for element in array.reshape(-1):
+        data = element.encode("utf-8") if isinstance(element, str) else bytes(element)
+        parts.append(len(data).to_bytes(4, "little"))
+        parts.append(data)
+    return b"".join(parts)
+
+
+class EngineLink:
+    """The front end's connection to the engine, and its slabs."""
+
+    def __init__(self, channel: Channel, requests: Slab, answers: Slab) -> None:
+        self._channel = channel
+        self._requests = requests
+        self._request_space = SlabAllocator(requests.size)
+        self._answers = answers
+        self._ids = itertools.count(1)
+        # id -> (waiting caller, its allocations in the request slab)
+        self._pending: dict[int, tuple[asyncio.Future[Any], list[int]]] = {}
+        self.on_catalog: Callable[[Catalog], None] = lambda message: None
+        self.on_regions: Callable[[Regions], None] = lambda message: None
+        self.gone = asyncio.Event()
+
+    @classmethod
+    async def connect(
+        cls,
+        socket_path: Path,
+        frontend: int,
+        generation: int,
+        settings: Settings,
+        supervisor_pid: int,
+    ) -> tuple[EngineLink, Catalog, Regions]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CONNECT_SECONDS
+        while True:
+            try:
+                reader, writer = await asyncio.open_unix_connection(str(socket_path))
+                break
+            except OSError:
+                if loop.time() > deadline:
+                    raise EngineGoneError("the engine did not accept a connection") from None
+                await asyncio.sleep(0.05)
+        channel = Channel(reader, writer)
+        name = f"{slab_prefix(supervisor_pid)}{frontend}-{generation}-in"
+        requests = Slab(name, settings.frontend_slab_bytes, create=True)
+        try:
+            channel.send(Hello(frontend, generation, name, requests.size))
+            welcome = await channel.receive()
+            catalog = await channel.receive()
+            regions = await channel.receive()
+        finally:
+            requests.unlink()  # mapped by both sides now (or never will be)
+        if (
+            not isinstance(welcome, Welcome)
+            or not isinstance(catalog, Catalog)
+            or not isinstance(regions, Regions)
+        ):
+            raise EngineGoneError("the engine did not answer the front end's greeting")
+        answers = Slab(welcome.slab, welcome.slab_bytes, create=False)
+        answers.unlink()
+        return cls(channel, requests, answers), catalog, regions
+
+    async def run(self) -> None:
+        """Read the engine's messages until it goes away."""
+        try:
+            while True:
+                message = await self._channel.receive()
+                if message is None:
+                    return
+                if isinstance(message, Answer):
+                    self._answered(message)
+                elif isinstance(message, Refusal):
+                    self._settle(message.id, RemoteFailureError(message.status, message.message))
+                elif isinstance(message, Reply):
+                    self._settle(message.id, message.response)
+                elif isinstance(message, Catalog):
+                    self.on_catalog(message)
+                    self._channel.send(Ack(message.seq))
+                elif isinstance(message, Regions):
+                    self.on_regions(message)
+                    self._channel.send(Ack(message.seq))
+        finally:
+            self.gone.set()
+            error = EngineGoneError("the engine has stopped")
+            for waiting, _ in self._pending.values():
+                if not waiting.done():
+                    waiting.set_exception(error)
+            self._pending.clear()
+
+    def _settle(self, request_id: int, outcome: Any) -> None:
+        entry = self._pending.pop(request_id, None)
+        if entry is None:
+            return
+        waiting, allocations = entry
+        for offset in allocations:
+            self._request_space.free(offset)
+        if waiting.done():
+            return  # the caller was cancelled (client gone)
+        if isinstance(outcome, Exception):
+            waiting.set_exception(outcome)
+        else:
+            waiting.set_result(outcome)
+
+    def _answered(self, answer: Answer) -> None:
+        """Copy the outputs out of the engine's slab at once and free them there."""
+        outputs = tuple(
+            OutputTensor(
+                ref.name, ref.datatype, tuple(ref.shape), self._answers.read(ref.offset, ref.nbytes)
+            )
+            for ref in answer.outputs
+        )
+        self._channel.send(Release([ref.offset for ref in answer.outputs]))
+        self._settle(answer.id, InferenceResult(outputs))
+
+    def _send(self, message: Infer | Call, allocations: list[int]) -> asyncio.Future[Any]:
+        if self.gone.is_set():
+            for offset in allocations:
+                self._request_space.free(offset)
+            raise ServerUnavailableError("the server's engine has stopped; retry")
+        waiting: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[message.id] = (waiting, allocations)
+        self._channel.send(message)
+        return waiting
+
+    async def infer(
+        self, version: RemoteVersion, request: InferenceRequest, alone: bool
+    ) -> InferenceResult:
+        refs: list[TensorRef] = []
+        allocations: list[int] = []
+        for name, array in request.inputs.items():
+            if array.dtype == object:
+                data: Any = _serialized_text(array)
+                size = len(data)
+            else:
+                data = np.ascontiguousarray(array)
+                size = data.nbytes
+            offset = self._request_space.allocate(size)
+            if offset is None:
+                for taken in allocations:
+                    self._request_space.free(taken)
+                raise RequestTooLargeError(
+                    f"the request's tensors do not fit in this front end's shared memory now "
+                    f"({self._request_space.size} bytes, --frontend-slab-bytes); retry, or "
+                    "raise the limit"
+                )
+            allocations.append(offset)
+            if size:
+                self._requests.write(offset, data)
+            kind = TEXT if array.dtype == object else array.dtype.str
+            refs.append(TensorRef(name, kind, list(array.shape), offset, size))
+        message = Infer(
+            next(self._ids),
+            version.name,
+            version.version,
+            refs,
+            list(request.outputs),
+            request.parameters,
+            request.request_id,
+            request.log_id,
+            request.received_ns,
+            request.deadline_ns,
+            request.batch_size,
+            alone,
+        )
+        result: InferenceResult = await self._send(message, allocations)
+        return result
+
+    async def call(self, method: str, request: bytes, metadata: list[tuple[str, str]]) -> bytes:
+        response: bytes = await self._send(Call(next(self._ids), method, request, metadata), [])
+        return response
+
+    def record_failure(self, model: str, version: int, received_ns: int, status: Status) -> None:
+        if not self.gone.is_set():
+            self._channel.send(Failure(model, version, received_ns, status.value))
+
+
+class RemoteFailureError(ServingError):
+    """A failure the engine reported, with its status."""
+
+    def __init__(self, status: str, message: str) -> None:
+        super().__init__(message)
+        self.status = Status(status) if status in Status._value2member_map_ else Status.INTERNAL
+
+
+class RemoteVersion:
+    """A servable version as a front end sees it: enough to decode and check requests."""
+
+    def __init__(
+        self, entry: CatalogVersion, link: EngineLink, encoder: TextEncoder | None
+    ) -> None:
+        self.name = entry.name
+        self.version = entry.version
+        self.label = entry.label
+        self.signature: ModelSignature = entry.signature
+        self._encoder = encoder
+        self._link = link
+
+    @property
+    def text_encoder(self) -> TextEncoder | None:
+        return self._encoder
+
+    def enter(self) -> None:
+        """The engine holds the version while it runs the request."""
+
+    def leave(self) -> None:
+        pass
+
+    def record_failure(self, received_ns: int, status: Status) -> None:
+        self._link.record_failure(self.name, self.version, received_ns, status)
+
+    async def infer(self, request: InferenceRequest, alone: bool = False) -> InferenceResult:
+        return await self._link.infer(self, request, alone)
+
+
+class RemoteCatalog:
+    """The engine's servable versions, kept current by its Catalog messages."""
+
+    def __init__(self, link: EngineLink, settings: Settings) -> None:
+        self._link = link
+        self.max_request_elements = settings.max_request_elements
+        self.loading_done = False
+        self._all_ready = False
+        self.serving: dict[str, bool] = {}
+        self._versions: dict[tuple[str, int], RemoteVersion] = {}
+        self._defaults: dict[str, int] = {}
+        self._encoders: dict[Any, TextEncoder] = {}
+        self._changed = asyncio.Event()
+
+    def update(self, message: Catalog) -> None:
+        models: dict[str, CatalogModel] = pickle.loads(message.versions)
+        versions: dict[tuple[str, int], RemoteVersion] = {}
+        defaults: dict[str, int] = {}
+        encoders: dict[Any, TextEncoder] = {}
+        for name, model in models.items():
+            if model.default is not None:
+                defaults[name] = model.default
+            for number, entry in model.versions.items():
+                encoder = None
+                if entry.text is not None:
+                    encoder = self._encoders.get(entry.text) or TextEncoder(entry.text)
+                    encoders[entry.text] = encoder
+                versions[(name, number)] = RemoteVersion(entry, self._link, encoder)
+        self._versions, self._defaults, self._encoders = versions, defaults, encoders
+        self.loading_done = message.loading_done
+        self._all_ready = message.all_ready
+        self.serving = dict(message.serving)
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def all_ready(self) -> bool:
+        return self._all_ready
+
+    def _lookup(self, name: str, version: str) -> RemoteVersion | None:
+        if not version:
+            number = self._defaults.get(name)
+        elif version.isdigit() and version.isascii():
+            number = int(version)
+        else:
+            return None
+        return None if number is None else self._versions.get((name, number))
+
+    async def find(self, name: str, version: str) -> RemoteVersion:
+        found = self._lookup(name, version)
+        if found is not None:
+            return found
+        # Not here: the engine says why (the same words as a one-process server), or it
+        # has the version and its news is on the way.
+        changed = self._changed
+        request = pb.ModelMetadataRequest(name=name, version=version).SerializeToString()
+        await self._link.call("ModelMetadata", request, [])
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(changed.wait(), timeout=1.0)
+        found = self._lookup(name, version)
+        if found is None:
+            raise ModelNotReadyError(f"model '{name}' is changing on this server; retry")
+        return found
+
+
+def _sync_regions(regions: SharedMemoryRegions, message: Regions) -> None:
+    """Map what the engine has registered, forget what it no longer has."""
+    if not regions.enabled:
+        return
+    wanted: dict[str, tuple[str, str, int, int]] = {
+        entry[0]: (entry[0], entry[1], entry[2], entry[3]) for entry in message.regions
+    }
+    for region in regions.status(""):
+        if wanted.get(region.name) != (region.name, region.key, region.offset, region.byte_size):
+            regions.unregister(region.name)
+    have = {region.name for region in regions.status("")}
+    for name, (_, key, offset, byte_size) in wanted.items():
+        if name not in have:
+            try:
+                regions.register(name, key, offset, byte_size)
+            except ServingError as error:
+                log.warning("front end cannot map shared memory region: %s", error.message)
+
+
+def _forwarder(link: EngineLink) -> Callable[[str, Any], Callable[..., Awaitable[Any]]]:
+    """Handlers that pass an RPC to the engine and its answer back."""
+
+    def make(method: str, response_type: Any) -> Callable[..., Awaitable[Any]]:
+        async def forward(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            metadata = [
+                (key, value)
+                for key, value in context.invocation_metadata() or ()
+                if isinstance(value, str)
+            ]
+            try:
+                response = await link.call(method, request.SerializeToString(), metadata)
+            except ServingError as error:
+                await context.abort(GRPC_CODES[error.status], error.message)
+            return response_type.FromString(response)
+
+        return forward
+
+    return make
+
+
+async def _apply_health(
+    servicer: health.aio.HealthServicer, catalog: RemoteCatalog, draining: bool
+) -> None:
+    for service, serving in catalog.serving.items():
+        status = serving and not draining
+        await servicer.set(
+            service,
+            health_pb2.HealthCheckResponse.SERVING
+            if status
+            else health_pb2.HealthCheckResponse.NOT_SERVING,
+        )
+
+
+async def serve_frontend(
+    settings: Settings,
+    frontend: int,
+    generation: int,
+    socket_path: Path,
+    supervisor_pid: int,
+    report: Callable[[str], None],
+    codes: list[int],
+) -> None:
+    """Run one front end until the supervisor says stop (drain, 0) or until the engine goes (3)."""
+    codes.append(
+        await _serve_frontend(settings, frontend, generation, socket_path, supervisor_pid, report)
+    )
+
+
+async def _serve_frontend(
+    settings: Settings,
+    frontend: int,
+    generation: int,
+    socket_path: Path,
+    supervisor_pid: int,
+    report: Callable[[str], None],
+) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(STOP_SIGNAL, stop.set)
+    link, first_catalog, first_regions = await EngineLink.connect(
+        socket_path, frontend, generation, settings, supervisor_pid
+    )
+    catalog = RemoteCatalog(link, settings)
+    catalog.update(first_catalog)
+    regions = SharedMemoryRegions(settings.allow_shared_memory, settings.max_message_bytes)
+    _sync_regions(regions, first_regions)
+    state = ServerState(
+        catalog,
+        settings.strict_readiness,
+        settings.max_requests_in_flight,
+        settings.linger_microseconds * 1000,
+    )
+    health_servicer = health.aio.HealthServicer()
+    updates: set[asyncio.Task[None]] = set()
+
+    def on_catalog(message: Catalog) -> None:
+        catalog.update(message)
+        task = asyncio.create_task(_apply_health(health_servicer, catalog, state.draining))
+        updates.add(task)
+        task.add_done_callback(updates.discard)
+
+    link.on_catalog = on_catalog
+    link.on_regions = lambda message: _sync_regions(regions, message)
+    reader = asyncio.create_task(link.run())
+    server, port = build_grpc_server(
+        settings,
+        (InferenceCalls(catalog, state, regions),),
+        health_servicer,
+        fallback=_forwarder(link),
+        reuse_port=True,
+    )
+    await _apply_health(health_servicer, catalog, False)
+    await server.start()
+    log.info("front end %d: gRPC server listening on %s:%d", frontend, settings.grpc_host, port)
+    report(f"listening {frontend}")
+    stopping = asyncio.create_task(stop.wait())
+    engine_gone = asyncio.create_task(link.gone.wait())
+    await asyncio.wait((stopping, engine_gone), return_when=asyncio.FIRST_COMPLETED)
+    if link.gone.is_set() and not stop.is_set():
+        log.error("front end %d: the engine has stopped; exiting", frontend)
+        await server.stop(0)
+        return 3
+    state.draining = True
+    await health_servicer.enter_graceful_shutdown()
+    try:
+        await asyncio.wait_for(state.wait_idle(), timeout=settings.shutdown_grace_seconds)
+    except TimeoutError:
+        log.warning("front end %d: grace period over with %d in flight", frontend, state.in_flight)
+    await server.stop(1.0)
+    reader.cancel()
+    regions.close()
+    return 0
