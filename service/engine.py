@@ -14,16 +14,19 @@ have acknowledged, so the next request through any front end sees the change.
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 import pickle
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from . import fatal
 from .app import FATAL_GRACE_SECONDS, InferenceServer
@@ -113,7 +116,6 @@ class FrontendLink:
         self._answer_space: SlabAllocator | None = None
         self._acks: dict[int, asyncio.Future[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self.requests_received = 0
 
     async def serve(self) -> None:
         try:
@@ -147,7 +149,7 @@ class FrontendLink:
             if message is None:
                 return
             if isinstance(message, Infer):
-                self.requests_received += 1
+                self._engine.frontend_requests[self.frontend] += 1
                 self._spawn(self._infer(message))
             elif isinstance(message, Release):
                 for offset in message.offsets:
@@ -263,6 +265,39 @@ class FrontendLink:
             self._channel.send(Reply(message.id, response.SerializeToString()))
 
 
+class FrontendCollector(Collector):
+    """The front ends' part of the engine's /metrics: one scrape shows the whole server."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    def collect(self) -> Iterator[Metric]:
+        engine = self._engine
+        connected = {link.frontend for link in list(engine.links)}
+        indexes = sorted(set(engine.frontend_starts) | connected)
+        up = GaugeMetricFamily(
+            "batchwise_frontend_up",
+            "1 while the front-end process is connected",
+            labels=["frontend"],
+        )
+        requests = CounterMetricFamily(
+            "batchwise_frontend_requests",
+            "inference requests a front end passed to the engine",
+            labels=["frontend"],
+        )
+        starts = CounterMetricFamily(
+            "batchwise_frontend_starts",
+            "times a front end connected (more than 1: it was restarted)",
+            labels=["frontend"],
+        )
+        for index in indexes:
+            label = [str(index)]
+            up.add_metric(label, 1.0 if index in connected else 0.0)
+            requests.add_metric(label, engine.frontend_requests[index])
+            starts.add_metric(label, engine.frontend_starts[index])
+        yield from (up, requests, starts)
+
+
 class Engine:
     def __init__(self, settings: Settings, socket_path: Path, supervisor_pid: int) -> None:
         self.settings = settings
@@ -274,7 +309,10 @@ class Engine:
         self._listener: asyncio.Server | None = None
         self._seq = itertools.count(1)
         self._pending: set[asyncio.Task[None]] = set()
-        self.generations: dict[int, int] = {}
+        # Per front-end index, over its restarts: for /metrics.
+        self.frontend_requests: collections.Counter[int] = collections.Counter()
+        self.frontend_starts: collections.Counter[int] = collections.Counter()
+        self.server.metrics.registry.register(FrontendCollector(self))
 
     async def start(self) -> None:
         await self.server.start()
@@ -285,7 +323,7 @@ class Engine:
         await FrontendLink(self, Channel(reader, writer)).serve()
 
     def note_frontend(self, frontend: int, generation: int) -> None:
-        self.generations[frontend] = generation
+        self.frontend_starts[frontend] += 1
         log.info("front end %d connected (start %d)", frontend, generation + 1)
 
     def record_failure(self, failure: Failure) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +14,7 @@ import tritonclient.grpc as grpcclient
 from service.app import InferenceServer
 from service.settings import Settings
 from tests import onnx_models as models
+from tests.process import ServerProcess, start_on_loopback
 
 
 class ServerThread:
@@ -109,9 +111,55 @@ def standard_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def server(standard_repository: Path) -> Iterator[ServerThread]:
+def inprocess_server(standard_repository: Path) -> Iterator[ServerThread]:
     with serve(standard_repository) as running:
         yield running
+
+
+@pytest.fixture(scope="session")
+def server(inprocess_server: ServerThread) -> ServerThread:
+    """The standard repository served in this process (tests may look inside it)."""
+    return inprocess_server
+
+
+class FrontendsServer:
+    """`batchwise serve --frontend-processes 2` as a process: only its port is reachable."""
+
+    def __init__(self, process: ServerProcess) -> None:
+        self.process = process
+        self.url = f"127.0.0.1:{process.grpc_port()}"
+
+    def client(self) -> grpcclient.InferenceServerClient:
+        """A client on a connection of its own: gRPC would otherwise share one connection
+        between all channels to the same address in this process, and so one front end."""
+        return grpcclient.InferenceServerClient(
+            self.url, channel_args=[("grpc.use_local_subchannel_pool", 1)]
+        )
+
+    def stop(self) -> int:
+        self.process.process.send_signal(signal.SIGTERM)
+        return self.process.wait_exit()
+
+
+@pytest.fixture(scope="session")
+def frontends_server(standard_repository: Path) -> Iterator[FrontendsServer]:
+    """The standard repository behind two front-end processes and an engine."""
+    running = FrontendsServer(
+        start_on_loopback(standard_repository, "--frontend-processes", "2", "--metrics-port", "0")
+    )
+    yield running
+    assert running.stop() == 0, running.process.log
+
+
+LAYOUTS = ("one process", "two front ends")
+
+
+@pytest.fixture(scope="session", params=LAYOUTS)
+def either_server(request: pytest.FixtureRequest) -> ServerThread | FrontendsServer:
+    """For modules whose tests must hold in both layouts: `server = either_server`."""
+    name = "inprocess_server" if request.param == LAYOUTS[0] else "frontends_server"
+    found: ServerThread | FrontendsServer = request.getfixturevalue(name)
+    return found
 
 
 @pytest.fixture()

@@ -12,8 +12,15 @@ import tritonclient.grpc as grpcclient
 from tritonclient.grpc import service_pb2
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-from tests.conftest import ServerThread
+from tests.conftest import FrontendsServer, ServerThread
 from tests.onnx_models import ONNX_TYPES
+
+
+@pytest.fixture(scope="session")
+def server(either_server: ServerThread | FrontendsServer) -> ServerThread | FrontendsServer:
+    """Every test here runs against one process and against two front ends."""
+    return either_server
+
 
 NUMERIC = [name for name in ONNX_TYPES if name not in ("BYTES", "BF16")]
 
@@ -260,8 +267,9 @@ def test_large_message_above_grpc_default_limit(client: grpcclient.InferenceServ
     np.testing.assert_array_equal(result.as_numpy("OUT_FP32"), x)
 
 
-def test_inference_runs_off_the_event_loop(server: ServerThread) -> None:
+def test_inference_runs_off_the_event_loop(inprocess_server: ServerThread) -> None:
     """While a ~1 s execution runs, other RPCs (inference included) are answered."""
+    server = inprocess_server
     slow = server.server.registry.resolve("slow", "")
     finished = threading.Event()
 

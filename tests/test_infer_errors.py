@@ -14,7 +14,14 @@ import numpy as np
 import pytest
 from tritonclient.grpc import service_pb2
 
-from tests.conftest import ServerThread
+from tests.conftest import FrontendsServer, ServerThread
+
+
+@pytest.fixture(scope="session")
+def server(either_server: ServerThread | FrontendsServer) -> ServerThread | FrontendsServer:
+    """Every test here runs against one process and against two front ends."""
+    return either_server
+
 
 Request = service_pb2.ModelInferRequest
 ONES = np.ones((1, 16), dtype=np.float32).tobytes()

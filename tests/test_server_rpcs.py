@@ -11,7 +11,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from tests.conftest import ServerThread
+from tests.conftest import FrontendsServer, ServerThread
+
+
+@pytest.fixture(scope="session")
+def server(either_server: ServerThread | FrontendsServer) -> ServerThread | FrontendsServer:
+    """Every test here runs against one process and against two front ends."""
+    return either_server
 
 
 def test_server_live_and_ready(client: grpcclient.InferenceServerClient) -> None:
