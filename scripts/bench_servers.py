@@ -12,6 +12,7 @@ the same way, and `cpu_seconds` reads each process's own CPU counters.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -44,9 +45,18 @@ def split_cpus(server: str | None, client: str | None) -> tuple[set[int], set[in
 
 
 def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of a process, all its threads, from /proc."""
+    """User plus system CPU time of a process and its live child processes (a server with
+    front-end processes), all their threads, from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / _TICKS
+    total = (int(fields[11]) + int(fields[12])) / _TICKS
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        children = []
+    for child in children:
+        with contextlib.suppress(OSError):  # exited meanwhile
+            total += cpu_seconds(int(child))
+    return total
 
 
 class _Process:

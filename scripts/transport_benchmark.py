@@ -4,6 +4,8 @@
     python scripts/transport_benchmark.py --against ../old-tree   # A/B with another checkout
     python scripts/transport_benchmark.py --ceiling               # and grpc_ceiling.py's bound
     python scripts/transport_benchmark.py --shared-memory         # and the image in shared memory
+    python scripts/transport_benchmark.py --frontends 0 1 2 \
+        --server-cpus 0-1 --client-cpus 0-1                       # front-end processes, N each
     python scripts/transport_benchmark.py --fixed-cost 384 --concurrency 32 \
         --server-cpus 0-1 --client-cpus 1                         # GPU-like: batches form
 
@@ -23,7 +25,9 @@ the model and encoding outputs, from ModelStatistics.
 
 `--shared-memory` adds a run of this tree with --allow-shared-memory where
 perf_analyzer passes the image and the answer through system shared memory
-(`--shared-memory system`) instead of the gRPC message.
+(`--shared-memory system`) instead of the gRPC message. `--frontends N...`
+runs this tree once per N of --frontend-processes (with --shared-memory, each
+also in shared memory) instead of once with the default.
 """
 
 from __future__ import annotations
@@ -108,6 +112,9 @@ def main() -> int:
     parser.add_argument(
         "--shared-memory", action="store_true", help="also the same load in system shared memory"
     )
+    parser.add_argument(
+        "--frontends", type=int, nargs="+", metavar="N", help="--frontend-processes values to run"
+    )
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=6.0, help="per measurement")
     parser.add_argument("--rounds", type=int, default=4)
@@ -123,19 +130,24 @@ def main() -> int:
     options = parser.parse_args()
     server_cpus, client_cpus = benchmark.split_cpus(options.server_cpus, options.client_cpus)
 
-    runs: dict[str, dict[str, object]] = {"this": {"tree": ROOT}}
+    shared = ["--shared-memory", "system", "--output-shared-memory-size", "64"]
+    runs: dict[str, dict[str, object]] = {}
+    for count in options.frontends or [None]:
+        name = "this" if count is None else f"N={count}"
+        flags = [] if count is None else ["--frontend-processes", str(count)]
+        runs[name] = {"tree": ROOT, "server": flags}
+        if options.shared_memory:
+            runs[f"shm {name}" if count is not None else "shm"] = {
+                "tree": ROOT,
+                "server": [*flags, "--allow-shared-memory"],
+                "client": shared,
+            }
     if options.against is not None:
         if not (options.against / "service" / "__main__.py").exists():
             parser.error(f"{options.against} is not a checkout of this project")
         runs["against"] = {"tree": options.against.resolve()}
     if options.ceiling:
         runs["ceiling"] = {"tree": ROOT, "entry": [str(ROOT / "scripts" / "grpc_ceiling.py")]}
-    if options.shared_memory:
-        runs["shm"] = {
-            "tree": ROOT,
-            "server": ["--allow-shared-memory"],
-            "client": ["--shared-memory", "system", "--output-shared-memory-size", "64"],
-        }
     results: dict[str, list[float]] = {name: [] for name in runs}
 
     os.sched_setaffinity(0, client_cpus)  # perf_analyzer inherits it
@@ -156,11 +168,11 @@ def main() -> int:
                     before = benchmark.server_side(server.url, MODEL) if counted else None
                     # perf_analyzer gives up when its windows disagree by over 100%,
                     # which a shared machine sometimes causes: one more try, then skip.
-                    flags: Any = run.get("client")
+                    client_flags: Any = run.get("client")
                     point = benchmark.perf_analyzer(
-                        server.url, MODEL, options.concurrency, options.seconds, extra=flags
+                        server.url, MODEL, options.concurrency, options.seconds, extra=client_flags
                     ) or benchmark.perf_analyzer(
-                        server.url, MODEL, options.concurrency, options.seconds, extra=flags
+                        server.url, MODEL, options.concurrency, options.seconds, extra=client_flags
                     )
                     after = benchmark.server_side(server.url, MODEL) if counted else None
                 finally:
@@ -186,6 +198,10 @@ def main() -> int:
     }
     for name, value in medians.items():
         print(f"  {name:8} {value:8,.0f} infer/s   ({runs[name]['tree']})")
+    baseline = "this" if "this" in medians else next(iter(medians))
+    for name, value in medians.items():
+        if name != baseline:
+            print(f"  {name} / {baseline}: {value / medians[baseline]:.2f}x")
     if "against" in medians:
         pairs = [
             (a, b)
@@ -199,16 +215,6 @@ def main() -> int:
         )
     if "ceiling" in medians:
         print(f"  this / ceiling: {medians['this'] / medians['ceiling']:.0%}")
-    if "shm" in medians:
-        ratios = [
-            shared / wire
-            for shared, wire in zip(results["shm"], results["this"], strict=True)
-            if not (math.isnan(shared) or math.isnan(wire))
-        ]
-        print(
-            f"  shared memory / over the wire: {medians['shm'] / medians['this']:.2f}x "
-            f"(per round: {', '.join(f'{r:.2f}' for r in ratios)})"
-        )
     return 0
 
 

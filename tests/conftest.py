@@ -133,7 +133,13 @@ class FrontendsServer:
         """A client on a connection of its own: gRPC would otherwise share one connection
         between all channels to the same address in this process, and so one front end."""
         return grpcclient.InferenceServerClient(
-            self.url, channel_args=[("grpc.use_local_subchannel_pool", 1)]
+            self.url,
+            # Given channel_args, tritonclient sets none of its own: its message limits too.
+            channel_args=[
+                ("grpc.use_local_subchannel_pool", 1),
+                ("grpc.max_send_message_length", 2**31 - 1),
+                ("grpc.max_receive_message_length", 2**31 - 1),
+            ],
         )
 
     def stop(self) -> int:
