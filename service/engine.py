@@ -56,7 +56,7 @@ from .ipc import (
 )
 from .protocol import grpc_service_pb2 as pb
 from .settings import Settings
-from .slabs import Slab, SlabAllocator, slab_prefix
+from .slabs import Slab, SlabAllocator, SlabError, slab_prefix
 from .supervisor import STOP_SIGNAL
 
 log = logging.getLogger(__name__)
@@ -134,10 +134,14 @@ class FrontendLink:
         if not isinstance(hello, Hello):
             return
         self.frontend = hello.frontend
-        self._requests = Slab(hello.slab, hello.slab_bytes, create=False)
         size = self._engine.settings.frontend_slab_bytes
         name = f"{slab_prefix(self._engine.supervisor_pid)}{hello.frontend}-{hello.generation}-out"
-        self._answers = Slab(name, size, create=True)
+        try:
+            self._requests = Slab(hello.slab, hello.slab_bytes, create=False)
+            self._answers = Slab(name, size, create=True)
+        except SlabError as error:
+            log.error("front end %d cannot be served: %s", hello.frontend, error)
+            return
         self._answer_space = SlabAllocator(size)
         self._channel.send(Welcome(name, size))
         self._channel.send(self._engine.catalog_message(0))

@@ -60,7 +60,7 @@ from .model_config import ModelSignature
 from .protocol import grpc_service_pb2 as pb
 from .settings import Settings
 from .shared_memory import SharedMemoryRegions
-from .slabs import Slab, SlabAllocator, slab_prefix
+from .slabs import Slab, SlabAllocator, SlabError, slab_prefix
 from .supervisor import STOP_SIGNAL
 from .text import TextEncoder
 
@@ -432,9 +432,13 @@ async def _serve_frontend(
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(STOP_SIGNAL, stop.set)
-    link, first_catalog, first_regions = await EngineLink.connect(
-        socket_path, frontend, generation, settings, supervisor_pid
-    )
+    try:
+        link, first_catalog, first_regions = await EngineLink.connect(
+            socket_path, frontend, generation, settings, supervisor_pid
+        )
+    except (SlabError, EngineGoneError) as error:
+        log.error("front end %d cannot start: %s", frontend, error)
+        return 1
     catalog = RemoteCatalog(link, settings)
     catalog.update(first_catalog)
     regions = SharedMemoryRegions(settings.allow_shared_memory, settings.max_message_bytes)

@@ -26,7 +26,7 @@ ARENA_STRATEGIES = ("kSameAsRequested", "kNextPowerOfTwo")
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 SPINNING_MODES = ("auto", "on", "off")
 # --frontend-processes -1: front ends only where there are cores to spare for them.
-FRONTENDS_MIN_CORES = 4
+FRONTENDS_MIN_CORES = 8
 AUTO_FRONTENDS = 2
 
 

@@ -28,10 +28,26 @@ def slab_prefix(supervisor_pid: int) -> str:
     return f"{RESERVED_KEY_PREFIX}-{supervisor_pid}-"
 
 
+class SlabError(Exception):
+    """A slab could not be set aside (usually: /dev/shm is too small)."""
+
+
 class Slab:
     """One mapped shared memory object."""
 
     def __init__(self, name: str, size: int, create: bool) -> None:
+        try:
+            self._open(name, size, create)
+        except OSError as error:
+            if create:
+                Path(SHM_ROOT / name).unlink(missing_ok=True)
+            raise SlabError(
+                f"cannot set aside {size} bytes of shared memory in {SHM_ROOT} ({error.strerror}); "
+                "lower --frontend-slab-bytes, give the container more shared memory (Docker "
+                "shm_size), or run in one process (--frontend-processes 0)"
+            ) from None
+
+    def _open(self, name: str, size: int, create: bool) -> None:
         self.name = name
         self.size = size
         path = SHM_ROOT / name
@@ -39,7 +55,8 @@ class Slab:
         fd = os.open(path, flags, 0o600)
         try:
             if create:
-                os.ftruncate(fd, size)
+                # Reserved now: tmpfs that runs out later would kill a writer with SIGBUS.
+                os.posix_fallocate(fd, 0, size)
             elif os.fstat(fd).st_size < size:
                 raise ValueError(f"shared memory slab {name} is smaller than {size} bytes")
             self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)

@@ -151,6 +151,10 @@ class Supervisor:
             for index, child in list(frontends.items()):
                 if child.process.poll() is None:
                     continue
+                if index not in self._listening and child.generation == 0:
+                    log.error("front end %d could not start; stopping the server", index)
+                    self._terminate([engine, *frontends.values()], 5.0)
+                    return 1
                 self._listening.discard(index)
                 if not self._may_restart(index):
                     log.error("front end %d keeps exiting; stopping the server", index)
