@@ -119,7 +119,13 @@ async def call_bookkeeping(seconds: float) -> None:
     """What a call's own bookkeeping costs, inside a real grpc.aio handler."""
     import grpc
 
-    from service.grpc_api.infer import _access_log, _request_id
+    try:
+        from service.grpc_api.infer import _access_log, _request_id
+    except ImportError:  # checkouts before the inference RPCs had their own module
+        from service.grpc_api.servicer import (  # type: ignore[attr-defined,no-redef]
+            _access_log,
+            _request_id,
+        )
     from service.logs import REQUEST_ID
 
     async def handler(request: bytes, context: grpc.aio.ServicerContext) -> bytes:

@@ -17,6 +17,7 @@ import contextlib
 import itertools
 import logging
 import pickle
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,8 @@ from .text import TextEncoder
 log = logging.getLogger(__name__)
 
 CONNECT_SECONDS = 60.0
+# How long a front end polls for the answer to a lone request rather than sleep.
+AWAKE_WHILE_ALONE_NS = 2_000_000
 
 
 class EngineGoneError(ServerUnavailableError):
@@ -239,8 +242,18 @@ class EngineLink:
             request.batch_size,
             alone,
         )
-        result: InferenceResult = await self._send(message, allocations)
+        waiting = self._send(message, allocations)
+        if alone:
+            self._keep_awake(waiting, time.perf_counter_ns() + AWAKE_WHILE_ALONE_NS)
+        result: InferenceResult = await waiting
         return result
+
+    def _keep_awake(self, waiting: asyncio.Future[Any], until_ns: int) -> None:
+        """Poll instead of sleeping while a lone request is at the engine: a sleeping
+        process takes longer to wake (on a virtual machine above all) than a small
+        model's answer takes to come back."""
+        if not waiting.done() and time.perf_counter_ns() < until_ns:
+            asyncio.get_running_loop().call_soon(self._keep_awake, waiting, until_ns)
 
     async def call(self, method: str, request: bytes, metadata: list[tuple[str, str]]) -> bytes:
         response: bytes = await self._send(Call(next(self._ids), method, request, metadata), [])

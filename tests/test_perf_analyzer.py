@@ -15,7 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ServerThread, serve
+from tests.conftest import FrontendsServer, ServerThread, serve
+
+
+@pytest.fixture(scope="session")
+def server(either_server: ServerThread | FrontendsServer) -> ServerThread | FrontendsServer:
+    """Every test here runs against one process and against two front ends."""
+    return either_server
 
 
 def _perf_analyzer() -> tuple[Path, dict[str, str]]:
