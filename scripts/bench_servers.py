@@ -59,6 +59,21 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
+def cpu_by_role(pid: int) -> dict[str, float]:
+    """CPU seconds of a server's processes by role: "server" for a one-process server, or
+    "supervisor", "engine" and "front ends" (summed) for --frontend-processes."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    roles = {"server": (int(fields[11]) + int(fields[12])) / _TICKS}
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        with contextlib.suppress(OSError):
+            command = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+            role = "front ends" if b"frontend" in command else "engine"
+            roles[role] = roles.get(role, 0.0) + cpu_seconds(int(child))
+    if len(roles) > 1:
+        roles["supervisor"] = roles.pop("server")
+    return roles
+
+
 class _Process:
     """A server process whose output is read until a line says it is ready."""
 

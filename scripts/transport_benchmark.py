@@ -45,6 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import benchmark  # noqa: E402  (server runner and perf_analyzer driver)
+from bench_servers import cpu_by_role  # noqa: E402
 
 MODEL = "image_mean"
 CONFIG = f"""name: "{MODEL}"
@@ -166,6 +167,7 @@ def main() -> int:
                 counted = name != "ceiling"  # the ceiling server keeps no statistics
                 try:
                     before = benchmark.server_side(server.url, MODEL) if counted else None
+                    cpu_before = cpu_by_role(server.pid)
                     # perf_analyzer gives up when its windows disagree by over 100%,
                     # which a shared machine sometimes causes: one more try, then skip.
                     client_flags: Any = run.get("client")
@@ -175,6 +177,7 @@ def main() -> int:
                         server.url, MODEL, options.concurrency, options.seconds, extra=client_flags
                     )
                     after = benchmark.server_side(server.url, MODEL) if counted else None
+                    cpu_after = cpu_by_role(server.pid)
                 finally:
                     server.stop()
                 if point is None:
@@ -182,10 +185,19 @@ def main() -> int:
                     results[name].append(math.nan)
                     continue
                 results[name].append(point.throughput)
+                # Every request is one row; the ceiling keeps no statistics.
+                rows = after["rows"] - before["rows"] if before and after else 0
+                requests = rows or point.throughput * options.seconds
+                cpu = "  cpu/req " + ", ".join(
+                    f"{role} {(used - cpu_before.get(role, 0.0)) * 1000 / requests:.2f} ms"
+                    for role, used in cpu_after.items()
+                    if role != "supervisor"
+                )
                 print(
                     f"round {round_number} {name:8} {point.throughput:8,.0f} infer/s  "
                     f"p50 {point.p50_ms:6.1f} ms  p99 {point.p99_ms:6.1f} ms"
-                    + (benchmark.per_batch(before, after) if before and after else ""),
+                    + (benchmark.per_batch(before, after) if before and after else "")
+                    + cpu,
                     flush=True,
                 )
     print(
