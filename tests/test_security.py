@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import logging
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -368,3 +369,38 @@ def test_bad_tls_and_token_settings_fail_at_start_with_clear_messages(
     not_pem.write_text("hello")
     garbage = _start("--grpc-tls-cert", str(not_pem), "--grpc-tls-key", str(not_pem))
     assert garbage.returncode == 1 and "is not PEM" in garbage.stderr
+
+
+def test_front_end_processes_speak_tls(repository: Path, certificates: Certificates) -> None:
+    """Each front end builds the same credentials; plaintext is refused there too."""
+    server = start_on_loopback(
+        repository,
+        "--frontend-processes",
+        "2",
+        "--grpc-tls-cert",
+        str(certificates.server.cert),
+        "--grpc-tls-key",
+        str(certificates.server.key),
+        "--grpc-tls-client-ca",
+        str(certificates.ca),
+    )
+    try:
+        port = server.grpc_port()
+        for _ in range(4):  # new connections, spread over the front ends
+            with grpcclient.InferenceServerClient(
+                f"localhost:{port}",
+                ssl=True,
+                root_certificates=str(certificates.ca),
+                private_key=str(certificates.client.key),
+                certificate_chain=str(certificates.client.cert),
+                channel_args=[("grpc.use_local_subchannel_pool", 1)],
+            ) as client:
+                np.testing.assert_array_equal(_double(client), [[0, 2, 4, 6]])
+        with (
+            grpcclient.InferenceServerClient(f"127.0.0.1:{port}") as plaintext,
+            pytest.raises(InferenceServerException),
+        ):
+            plaintext.is_server_live(client_timeout=5)
+    finally:
+        server.process.send_signal(signal.SIGTERM)
+        assert server.wait_exit() == 0, server.log
