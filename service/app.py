@@ -10,10 +10,11 @@ finish (up to the grace period), then the process exits 0.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2
@@ -203,21 +204,10 @@ async def serve(settings: Settings) -> None:
     A fatal runtime error (service.fatal) also stops the server, after a
     drain of at most FATAL_GRACE_SECONDS, and raises FatalServerError.
     """
-    loop = asyncio.get_running_loop()
-    stop_requested = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop_requested.set)
-    fatal_reasons: list[str] = []
-
-    def on_fatal(reason: str) -> None:
-        fatal_reasons.append(reason)
-        loop.call_soon_threadsafe(stop_requested.set)
-
-    unsubscribe = fatal.subscribe(on_fatal)
-    # Process-wide, so set here and not by InferenceServer (tests run several in one process).
-    sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
-    log.info("GIL switch interval %g ms", sys.getswitchinterval() * 1000)
-    try:
+    with stopping_on((signal.SIGTERM, signal.SIGINT)) as (stop_requested, fatal_reasons):
+        # Process-wide, so set here and not by InferenceServer (tests run several in one process).
+        sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
+        log.info("GIL switch interval %g ms", sys.getswitchinterval() * 1000)
         server = InferenceServer(settings)
         await server.start()
         await stop_requested.wait()
@@ -225,5 +215,24 @@ async def serve(settings: Settings) -> None:
             await server.stop(min(settings.shutdown_grace_seconds, FATAL_GRACE_SECONDS))
             raise FatalServerError(fatal_reasons[0])
         await server.stop()
+
+
+@contextlib.contextmanager
+def stopping_on(signals: Sequence[int]) -> Iterator[tuple[asyncio.Event, list[str]]]:
+    """An event that any of `signals`, or a fatal runtime error, sets; the fatal
+    errors' reasons are collected in the list."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in signals:
+        loop.add_signal_handler(signum, stop.set)
+    reasons: list[str] = []
+
+    def on_fatal(reason: str) -> None:
+        reasons.append(reason)
+        loop.call_soon_threadsafe(stop.set)
+
+    unsubscribe = fatal.subscribe(on_fatal)
+    try:
+        yield stop, reasons
     finally:
         unsubscribe()

@@ -27,7 +27,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from . import fatal
-from .app import FATAL_GRACE_SECONDS, InferenceServer
+from .app import FATAL_GRACE_SECONDS, InferenceServer, stopping_on
 from .errors import ServingError, Status
 from .frontend_link import FrontendLink
 from .grpc_api.servicer import SERVICE_NAME
@@ -182,25 +182,13 @@ async def run_engine(
     codes: list[int],
 ) -> None:
     """The engine process until the supervisor says stop (0) or a fatal runtime error (3)."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    loop.add_signal_handler(STOP_SIGNAL, stop.set)
-    reasons: list[str] = []
-
-    def on_fatal(reason: str) -> None:
-        reasons.append(reason)
-        loop.call_soon_threadsafe(stop.set)
-
-    unsubscribe = fatal.subscribe(on_fatal)
-    sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
-    engine = Engine(settings, socket_path, supervisor_pid)
-    engine.server.on_loaded = lambda summary: report(f"loaded {summary}")
-    try:
+    with stopping_on((STOP_SIGNAL,)) as (stop, reasons):
+        sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
+        engine = Engine(settings, socket_path, supervisor_pid)
+        engine.server.on_loaded = lambda summary: report(f"loaded {summary}")
         await engine.start()
         await stop.wait()
         await engine.stop(FATAL_GRACE_SECONDS if reasons else None)
-    finally:
-        unsubscribe()
     if reasons:
         log.critical("the engine stops after a fatal runtime error: %s", reasons[0])
         codes.append(fatal.EXIT_CODE)

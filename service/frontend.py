@@ -207,20 +207,8 @@ async def serve_frontend(
     report: Callable[[str], None],
     codes: list[int],
 ) -> None:
-    """Run one front end until the supervisor says stop (drain, 0) or until the engine goes (3)."""
-    codes.append(
-        await _serve_frontend(settings, frontend, generation, socket_path, supervisor_pid, report)
-    )
-
-
-async def _serve_frontend(
-    settings: Settings,
-    frontend: int,
-    generation: int,
-    socket_path: Path,
-    supervisor_pid: int,
-    report: Callable[[str], None],
-) -> int:
+    """Run one front end until the supervisor says stop (drain, 0), until the engine goes
+    (3), or not at all (1); the exit code goes to `codes`."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(STOP_SIGNAL, stop.set)
@@ -230,7 +218,8 @@ async def _serve_frontend(
         )
     except (SlabError, EngineGoneError) as error:
         log.error("front end %d cannot start: %s", frontend, error)
-        return 1
+        codes.append(1)
+        return
     catalog = RemoteCatalog(link, settings)
     catalog.update(first_catalog)
     regions = SharedMemoryRegions(settings.allow_shared_memory, settings.max_message_bytes)
@@ -270,7 +259,8 @@ async def _serve_frontend(
     if link.gone.is_set() and not stop.is_set():
         log.error("front end %d: the engine has stopped; exiting", frontend)
         await server.stop(0)
-        return 3
+        codes.append(3)
+        return
     state.draining = True
     await health_servicer.enter_graceful_shutdown()
     try:
@@ -280,4 +270,4 @@ async def _serve_frontend(
     await server.stop(1.0)
     reader.cancel()
     regions.close()
-    return 0
+    codes.append(0)

@@ -84,7 +84,16 @@ def start_on_loopback(
     repository: Path, *flags: str, env: dict[str, str] | None = None
 ) -> ServerProcess:
     """A server process on 127.0.0.1, port 0, metrics off, once it reports ready."""
-    server = ServerProcess(
+    server = launch_on_loopback(repository, *flags, env=env)
+    server.wait_for("server ready")
+    return server
+
+
+def launch_on_loopback(
+    repository: Path, *flags: str, env: dict[str, str] | None = None
+) -> ServerProcess:
+    """The same, without waiting: for a server that is expected not to start."""
+    return ServerProcess(
         "serve",
         "--model-repository",
         str(repository),
@@ -97,5 +106,3 @@ def start_on_loopback(
         *flags,
         env=env,
     )
-    server.wait_for("server ready")
-    return server

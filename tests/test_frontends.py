@@ -25,7 +25,7 @@ from tritonclient.utils import InferenceServerException
 
 from tests import onnx_models as models
 from tests.conftest import FrontendsServer
-from tests.process import ServerProcess, start_on_loopback
+from tests.process import launch_on_loopback, start_on_loopback
 
 
 def children(pid: int) -> dict[str, list[int]]:
@@ -358,20 +358,8 @@ def test_health_and_metadata_through_front_ends(frontends_server: FrontendsServe
 def test_too_little_shared_memory_stops_the_start_with_a_reason(
     standard_repository: Path,
 ) -> None:
-    server = ServerProcess(
-        "serve",
-        "--model-repository",
-        str(standard_repository),
-        "--grpc-host",
-        "127.0.0.1",
-        "--grpc-port",
-        "0",
-        "--metrics-port",
-        "-1",
-        "--frontend-processes",
-        "2",
-        "--frontend-slab-bytes",
-        str(2**40),
+    server = launch_on_loopback(
+        standard_repository, "--frontend-processes", "2", "--frontend-slab-bytes", str(2**40)
     )
     try:
         assert server.wait_exit(60) == 1, server.log
