@@ -24,7 +24,8 @@ from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from tests import onnx_models as models
-from tests.conftest import ServerThread, serve
+from tests.conftest import LAYOUTS, FrontendsServer, ServerThread, serve
+from tests.process import start_on_loopback
 
 FUZZ_REQUESTS = 5000
 REQUESTS_PER_EXAMPLE = 5
@@ -64,17 +65,37 @@ MAX_ELEMENTS = 4096
 sent: list[int] = []
 
 
-@pytest.fixture(scope="module")
-def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+@pytest.fixture(scope="module", params=LAYOUTS)
+def fuzz_server(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[ServerThread | FrontendsServer]:
+    """In one process, and behind two front ends (which decode everything the fuzzer sends)."""
     root: Path = tmp_path_factory.mktemp("fuzz-repository")
     models.save(models.identity(list(NUMERIC)), root, "numeric")
     models.save(models.identity(["BYTES"]), root, "text")
-    with serve(root, max_request_elements=MAX_ELEMENTS, max_message_bytes=1 << 20) as server:
-        yield server
+    if request.param == LAYOUTS[0]:
+        with serve(root, max_request_elements=MAX_ELEMENTS, max_message_bytes=1 << 20) as server:
+            yield server
+        return
+    frontends = FrontendsServer(
+        start_on_loopback(
+            root,
+            "--frontend-processes",
+            "2",
+            "--max-request-elements",
+            str(MAX_ELEMENTS),
+            "--max-message-bytes",
+            str(1 << 20),
+        )
+    )
+    yield frontends
+    assert frontends.stop() == 0, frontends.process.log
 
 
 @pytest.fixture(scope="module")
-def fuzz_stub(fuzz_server: ServerThread) -> Iterator[service_pb2_grpc.GRPCInferenceServiceStub]:
+def fuzz_stub(
+    fuzz_server: ServerThread | FrontendsServer,
+) -> Iterator[service_pb2_grpc.GRPCInferenceServiceStub]:
     channel = grpc.insecure_channel(fuzz_server.url)
     yield service_pb2_grpc.GRPCInferenceServiceStub(channel)
     channel.close()
@@ -279,7 +300,8 @@ def _fuzz(stub: service_pb2_grpc.GRPCInferenceServiceStub, batch: list[Plan]) ->
 
 
 def test_malformed_requests_never_crash_the_server_or_answer_internal(
-    fuzz_server: ServerThread, fuzz_stub: service_pb2_grpc.GRPCInferenceServiceStub
+    fuzz_server: ServerThread | FrontendsServer,
+    fuzz_stub: service_pb2_grpc.GRPCInferenceServiceStub,
 ) -> None:
     _fuzz(fuzz_stub)
     assert len(sent) >= FUZZ_REQUESTS
@@ -330,7 +352,9 @@ def _damaged(
         assert details, f"{code} without a message"
 
 
-def test_damaged_wire_bytes_get_client_errors(fuzz_server: ServerThread) -> None:
+def test_damaged_wire_bytes_get_client_errors(
+    fuzz_server: ServerThread | FrontendsServer,
+) -> None:
     """Requests damaged on the wire (flipped bytes, cut short): never UNKNOWN or INTERNAL."""
     with grpc.insecure_channel(fuzz_server.url) as channel:
         _damaged(channel.unary_unary("/inference.GRPCInferenceService/ModelInfer"))

@@ -18,22 +18,29 @@ from tritonclient.utils import InferenceServerException
 from models import digits_cnn, text_task, transformer
 from models.common import REPOSITORY, cpu_session
 from service.settings import Settings
-from tests.conftest import ServerThread
+from tests.conftest import LAYOUTS, FrontendsServer, ServerThread
+from tests.process import start_on_loopback
 
 CHECKPOINTS = Path(__file__).resolve().parent.parent / "models" / "checkpoints"
 
 
-@pytest.fixture(scope="module")
-def embedded() -> Iterator[ServerThread]:
-    settings = Settings(
-        model_repository=REPOSITORY, grpc_host="127.0.0.1", grpc_port=0, metrics_port=-1
-    )
-    with ServerThread(settings) as server:
-        yield server
+@pytest.fixture(scope="module", params=LAYOUTS)
+def embedded(request: pytest.FixtureRequest) -> Iterator[ServerThread | FrontendsServer]:
+    """The embedded repository in one process, and behind two front ends (which tokenize)."""
+    if request.param == LAYOUTS[0]:
+        settings = Settings(
+            model_repository=REPOSITORY, grpc_host="127.0.0.1", grpc_port=0, metrics_port=-1
+        )
+        with ServerThread(settings) as server:
+            yield server
+        return
+    frontends = FrontendsServer(start_on_loopback(REPOSITORY, "--frontend-processes", "2"))
+    yield frontends
+    assert frontends.stop() == 0, frontends.process.log
 
 
 @pytest.fixture(scope="module")
-def client(embedded: ServerThread) -> Iterator[grpcclient.InferenceServerClient]:
+def client(embedded: ServerThread | FrontendsServer) -> Iterator[grpcclient.InferenceServerClient]:
     with embedded.client() as connection:
         yield connection
 
@@ -241,7 +248,7 @@ def test_model_cards_and_configs_are_complete() -> None:
 
 
 def test_client_example_reads_png_and_text(
-    embedded: ServerThread, capsys: pytest.CaptureFixture[str]
+    embedded: ServerThread | FrontendsServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from models import client as example
 
