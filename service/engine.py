@@ -28,7 +28,7 @@ from prometheus_client.registry import Collector
 
 from . import fatal
 from .app import FATAL_GRACE_SECONDS, InferenceServer, stopping_on
-from .errors import ServingError, Status
+from .errors import ModelNotReadyError, ServingError, Status
 from .frontend_link import FrontendLink
 from .grpc_api.servicer import SERVICE_NAME
 from .ipc import (
@@ -37,8 +37,11 @@ from .ipc import (
     CatalogVersion,
     Channel,
     Failure,
+    Infer,
     Regions,
 )
+from .model_config import ModelSignature
+from .repository import ModelVersion
 from .settings import Settings
 from .supervisor import STOP_SIGNAL
 
@@ -95,6 +98,8 @@ class Engine:
         # Per front-end index, over its restarts: for /metrics.
         self.frontend_requests: collections.Counter[int] = collections.Counter()
         self.frontend_starts: collections.Counter[int] = collections.Counter()
+        # Every signature a catalog has carried: what front ends checked requests against.
+        self._signatures: dict[tuple[str, int], ModelSignature] = {}
         self.server.metrics.registry.register(FrontendCollector(self))
 
     async def start(self) -> None:
@@ -109,6 +114,26 @@ class Engine:
         self.frontend_starts[frontend] += 1
         log.info("front end %d connected (start %d)", frontend, generation + 1)
 
+    def version_for(self, message: Infer) -> ModelVersion:
+        """The version a front end's request runs on: the one it was checked against, or,
+        when that one was replaced on the way and the client named no version, the
+        model's default now, if it takes the same tensors."""
+        registry = self.server.registry
+        try:
+            return registry.resolve(message.model, str(message.version))
+        except ServingError:
+            if not message.default_version:
+                raise
+        current = registry.resolve(message.model, "")
+        checked = self._signatures.get((message.model, message.version))
+        if checked is None or checked != current.signature:
+            raise ModelNotReadyError(
+                f"model '{message.model}' changed from version {message.version} to "
+                f"{current.version}, whose inputs differ, while the request was on its way; "
+                "retry"
+            )
+        return current
+
     def record_failure(self, failure: Failure) -> None:
         try:
             version = self.server.registry.resolve(failure.model, str(failure.version))
@@ -120,6 +145,8 @@ class Engine:
         registry = self.server.registry
         models: dict[str, CatalogModel] = {}
         for name, record in registry.records.items():
+            for loaded in record.ready_versions():
+                self._signatures[(name, loaded.version)] = loaded.signature
             versions = {
                 loaded.version: CatalogVersion(
                     loaded.name,

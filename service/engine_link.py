@@ -165,7 +165,7 @@ class EngineLink:
             for ref in answer.outputs
         )
         self._channel.send(Release([ref.offset for ref in answer.outputs]))
-        self._settle(answer.id, InferenceResult(outputs))
+        self._settle(answer.id, InferenceResult(outputs, answer.version))
 
     def _send(self, message: Infer | Call, allocations: list[int]) -> asyncio.Future[Any]:
         if self.gone.is_set():
@@ -178,7 +178,11 @@ class EngineLink:
         return waiting
 
     async def infer(
-        self, version: RemoteVersion, request: InferenceRequest, alone: bool
+        self,
+        version: RemoteVersion,
+        request: InferenceRequest,
+        alone: bool,
+        default_version: bool,
     ) -> InferenceResult:
         refs: list[TensorRef] = []
         allocations: list[int] = []
@@ -216,6 +220,7 @@ class EngineLink:
             request.deadline_ns,
             request.batch_size,
             alone,
+            default_version,
         )
         waiting = self._send(message, allocations)
         if alone:

@@ -55,8 +55,14 @@ class RemoteVersion:
     """A servable version as a front end sees it: enough to decode and check requests."""
 
     def __init__(
-        self, entry: CatalogVersion, link: EngineLink, encoder: TextEncoder | None
+        self,
+        entry: CatalogVersion,
+        link: EngineLink,
+        encoder: TextEncoder | None,
+        default: bool = False,
     ) -> None:
+        """`default`: reached by a request that named no version."""
+        self.default = default
         self.name = entry.name
         self.version = entry.version
         self.label = entry.label
@@ -78,7 +84,7 @@ class RemoteVersion:
         self._link.record_failure(self.name, self.version, received_ns, status)
 
     async def infer(self, request: InferenceRequest, alone: bool = False) -> InferenceResult:
-        return await self._link.infer(self, request, alone)
+        return await self._link.infer(self, request, alone, self.default)
 
 
 class RemoteCatalog:
@@ -91,24 +97,24 @@ class RemoteCatalog:
         self._all_ready = False
         self.serving: dict[str, bool] = {}
         self._versions: dict[tuple[str, int], RemoteVersion] = {}
-        self._defaults: dict[str, int] = {}
+        self._defaults: dict[str, RemoteVersion] = {}
         self._encoders: dict[Any, TextEncoder] = {}
         self._changed = asyncio.Event()
 
     def update(self, message: Catalog) -> None:
         models: dict[str, CatalogModel] = pickle.loads(message.versions)
         versions: dict[tuple[str, int], RemoteVersion] = {}
-        defaults: dict[str, int] = {}
+        defaults: dict[str, RemoteVersion] = {}
         encoders: dict[Any, TextEncoder] = {}
         for name, model in models.items():
-            if model.default is not None:
-                defaults[name] = model.default
             for number, entry in model.versions.items():
                 encoder = None
                 if entry.text is not None:
                     encoder = self._encoders.get(entry.text) or TextEncoder(entry.text)
                     encoders[entry.text] = encoder
                 versions[(name, number)] = RemoteVersion(entry, self._link, encoder)
+                if number == model.default:
+                    defaults[name] = RemoteVersion(entry, self._link, encoder, default=True)
         self._versions, self._defaults, self._encoders = versions, defaults, encoders
         self.loading_done = message.loading_done
         self._all_ready = message.all_ready
@@ -121,12 +127,10 @@ class RemoteCatalog:
 
     def _lookup(self, name: str, version: str) -> RemoteVersion | None:
         if not version:
-            number = self._defaults.get(name)
-        elif version.isdigit() and version.isascii():
-            number = int(version)
-        else:
+            return self._defaults.get(name)
+        if not (version.isdigit() and version.isascii()):
             return None
-        return None if number is None else self._versions.get((name, number))
+        return self._versions.get((name, int(version)))
 
     async def find(self, name: str, version: str) -> RemoteVersion:
         found = self._lookup(name, version)

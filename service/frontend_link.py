@@ -190,7 +190,7 @@ class FrontendLink:
 
     async def _run(self, message: Infer, alone: bool) -> InferenceResult:
         assert self._requests is not None
-        version = self._engine.server.registry.resolve(message.model, str(message.version))
+        version = self._engine.version_for(message)
         version.enter()
         try:
             inputs = {ref.name: decode_tensor(self._requests, ref) for ref in message.inputs}
@@ -204,9 +204,10 @@ class FrontendLink:
                 message.deadline_ns,
                 message.log_id,
             )
-            return await version.infer(request, alone)
+            result = await version.infer(request, alone)
         finally:
             version.leave()
+        return InferenceResult(result.outputs, version.version)
 
     def _answer(self, request_id: int, result: InferenceResult) -> None:
         if self._channel.closing or self._answers is None or self._answer_space is None:
@@ -227,7 +228,8 @@ class FrontendLink:
             refs.append(
                 TensorRef(output.name, output.datatype, list(output.shape), offset, len(output.raw))
             )
-        self._channel.send(Answer(request_id, refs))
+        assert result.model_version is not None
+        self._channel.send(Answer(request_id, result.model_version, refs))
 
     def _refuse(self, request_id: int, status: str, message: str) -> None:
         if not self._channel.closing:

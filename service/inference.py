@@ -46,6 +46,9 @@ class OutputTensor:
 @dataclass(frozen=True)
 class InferenceResult:
     outputs: tuple[OutputTensor, ...]
+    # Set where another version than the one resolved computed it (a front end's request
+    # that reached the engine after a new default version replaced that one).
+    model_version: int | None = None
 
 
 _RESERVED = np.empty(0)

@@ -117,12 +117,17 @@ class Infer(msgspec.Struct, tag=True, array_like=True):
     deadline_ns: int
     batch_size: int
     alone: bool
+    # The client named no version: if `version` was replaced on the way, the model's
+    # current default may serve it, when its signature is the same.
+    default_version: bool
 
 
 class Answer(msgspec.Struct, tag=True, array_like=True):
-    """Engine -> front end: the outputs of request `id`, in the answer slab."""
+    """Engine -> front end: the outputs of request `id`, in the answer slab, and the
+    version that computed them."""
 
     id: int
+    version: int
     outputs: list[TensorRef]
 
 

@@ -16,7 +16,8 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from tests import onnx_models as models
-from tests.conftest import ServerThread, serve
+from tests.conftest import LAYOUTS, FrontendsServer, ServerThread, serve
+from tests.process import start_on_loopback
 
 WIDTH = 4
 
@@ -58,12 +59,36 @@ def repository(tmp_path: Path) -> Path:
 
 
 @pytest.fixture()
-def explicit(repository: Path) -> Iterator[ServerThread]:
+def explicit_here(repository: Path) -> Iterator[ServerThread]:
+    """Explicit mode in this process, for tests that look inside the registry."""
     with serve(repository, model_control_mode="explicit", load_model="alpha,sleepy") as server:
         yield server
 
 
-def test_explicit_mode_loads_only_what_it_is_told(explicit: ServerThread) -> None:
+@pytest.fixture(params=LAYOUTS)
+def explicit(
+    repository: Path, request: pytest.FixtureRequest
+) -> Iterator[ServerThread | FrontendsServer]:
+    """Explicit mode in one process, and behind two front ends."""
+    if request.param == LAYOUTS[0]:
+        yield request.getfixturevalue("explicit_here")
+        return
+    frontends = FrontendsServer(
+        start_on_loopback(
+            repository,
+            "--frontend-processes",
+            "2",
+            "--model-control-mode",
+            "explicit",
+            "--load-model",
+            "alpha,sleepy",
+        )
+    )
+    yield frontends
+    assert frontends.stop() == 0, frontends.process.log
+
+
+def test_explicit_mode_loads_only_what_it_is_told(explicit: ServerThread | FrontendsServer) -> None:
     with explicit.client() as client:
         index = _index(client)
         assert index[("alpha", "1")] == ("READY", "")
@@ -76,7 +101,7 @@ def test_explicit_mode_loads_only_what_it_is_told(explicit: ServerThread) -> Non
         np.testing.assert_array_equal(client.infer("beta", _x()).as_numpy("y"), np.full((1, 4), 3))
 
 
-def test_config_override_is_applied_at_load(explicit: ServerThread) -> None:
+def test_config_override_is_applied_at_load(explicit: ServerThread | FrontendsServer) -> None:
     override = {"max_batch_size": 2, "dynamic_batching": {}}
     with explicit.client() as client:
         client.load_model("beta", config=json.dumps(override))
@@ -92,7 +117,7 @@ def test_config_override_is_applied_at_load(explicit: ServerThread) -> None:
 
 
 def test_a_failed_load_keeps_the_old_version_serving(
-    explicit: ServerThread, repository: Path
+    explicit: ServerThread | FrontendsServer, repository: Path
 ) -> None:
     (repository / "alpha" / "2").mkdir()
     (repository / "alpha" / "2" / "model.onnx").write_bytes(b"\x08\x07truncated")
@@ -109,7 +134,7 @@ def test_a_failed_load_keeps_the_old_version_serving(
 
 
 def test_a_new_version_loads_under_load_without_failing_a_request(
-    explicit: ServerThread, repository: Path
+    explicit: ServerThread | FrontendsServer, repository: Path
 ) -> None:
     answers: list[tuple[str, float]] = []
     failures: list[str] = []
@@ -147,7 +172,8 @@ def test_a_new_version_loads_under_load_without_failing_a_request(
         assert client.get_model_metadata("alpha").versions == ["2"]
 
 
-def test_unload_waits_for_in_flight_requests(explicit: ServerThread) -> None:
+def test_unload_waits_for_in_flight_requests(explicit_here: ServerThread) -> None:
+    explicit = explicit_here
     # Judged on the server: the request's answer is built before the unload ends, but the
     # two replies race on the way back to their clients.
     version = explicit.server.registry.resolve("sleepy", "")
@@ -198,7 +224,12 @@ def test_unload_waits_for_in_flight_requests(explicit: ServerThread) -> None:
     ],
 )
 def test_model_names_cannot_escape_the_repository(
-    explicit: ServerThread, repository: Path, tmp_path: Path, name: str, status: str, fragment: str
+    explicit: ServerThread | FrontendsServer,
+    repository: Path,
+    tmp_path: Path,
+    name: str,
+    status: str,
+    fragment: str,
 ) -> None:
     outside = tmp_path / "outside"
     _save_scale(outside, "victim", 1, 1.0)
@@ -254,7 +285,9 @@ def test_poll_mode_follows_the_repository(repository: Path) -> None:
         assert "this server runs in mode 'poll'" in error.message()
 
 
-def test_a_config_override_cannot_load_a_library_from_outside(explicit: ServerThread) -> None:
+def test_a_config_override_cannot_load_a_library_from_outside(
+    explicit: ServerThread | FrontendsServer,
+) -> None:
     override = {
         "model_operations": {"op_library_filename": ["/usr/lib/x86_64-linux-gnu/libm.so.6"]}
     }

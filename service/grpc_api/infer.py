@@ -133,9 +133,8 @@ class InferenceCalls:
             core_request.deadline_ns = received + int(time_remaining * 1e9)
         core_request.log_id = REQUEST_ID.get()
         result = await version.infer(core_request, alone)
-        return encode_infer_response(
-            version.name, version.version, request.message.id, result, placements
-        )
+        ran = version.version if result.model_version is None else result.model_version
+        return encode_infer_response(version.name, ran, request.message.id, result, placements)
 
     @translate_errors
     async def ModelInfer(
