@@ -47,11 +47,30 @@ _PR_SET_PDEATHSIG = 1
 
 
 def frontend_count(settings: Settings) -> int:
-    """--frontend-processes, with -1 resolved from the cores this process may use."""
+    """--frontend-processes, with -1 resolved from the cores this process may use, and
+    from /dev/shm: the default never picks a layout that could not start (a container's
+    /dev/shm is 64 MB unless it is given more)."""
     if settings.frontend_processes >= 0:
         return settings.frontend_processes
-    cores = len(os.sched_getaffinity(0))
-    return AUTO_FRONTENDS if cores >= FRONTENDS_MIN_CORES else 0
+    if len(os.sched_getaffinity(0)) < FRONTENDS_MIN_CORES:
+        return 0
+    needed = 2 * AUTO_FRONTENDS * settings.frontend_slab_bytes
+    try:
+        free = shutil.disk_usage(SHM_ROOT).free
+    except OSError:
+        free = 0
+    if free < needed:
+        log.warning(
+            "serving in one process: %s has %d bytes free and %d front-end processes need %d "
+            "(--frontend-slab-bytes each way); give the container more shared memory or set "
+            "--frontend-processes",
+            SHM_ROOT,
+            free,
+            AUTO_FRONTENDS,
+            needed,
+        )
+        return 0
+    return AUTO_FRONTENDS
 
 
 def _die_with_parent() -> None:

@@ -8,6 +8,7 @@ slabs' bound, and the faults: a front end killed, the engine killed, SIGTERM.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import threading
@@ -23,6 +24,8 @@ import tritonclient.grpc as grpcclient
 import tritonclient.utils.shared_memory as shm
 from tritonclient.utils import InferenceServerException
 
+from service.settings import Settings
+from service.supervisor import frontend_count
 from tests import onnx_models as models
 from tests.conftest import FrontendsServer
 from tests.process import launch_on_loopback, start_on_loopback
@@ -398,3 +401,18 @@ def test_tokens_are_checked_by_the_front_ends(
         with pytest.raises(InferenceServerException) as refused:
             client.load_model("add_sub", headers=good)
         assert refused.value.status() == "StatusCode.PERMISSION_DENIED"
+
+
+def test_the_default_layout_follows_cores_and_shared_memory(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """-1 picks front ends only with the cores to run them and the /dev/shm to start them."""
+    defaults = Settings()
+    assert defaults.frontend_processes == -1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(2)))
+    assert frontend_count(defaults) == 0
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert frontend_count(defaults) == 2
+    assert frontend_count(dataclasses.replace(defaults, frontend_slab_bytes=2**40)) == 0
+    assert frontend_count(dataclasses.replace(defaults, frontend_processes=3)) == 3
+    assert frontend_count(dataclasses.replace(defaults, frontend_processes=0)) == 0
