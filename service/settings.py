@@ -195,8 +195,9 @@ class Settings:
     frontend_processes: int = _setting(
         -1,
         "gRPC front-end processes in front of one engine process (SO_REUSEPORT on one port); "
-        "0 = front end and engine in one process; -1 = chosen from the core count: 0 below "
-        f"{FRONTENDS_MIN_CORES} cores, else {AUTO_FRONTENDS}",
+        "0 = front end and engine in one process; -1 = chosen: 0 below "
+        f"{FRONTENDS_MIN_CORES} cores or when /dev/shm cannot hold their slabs, else "
+        f"{AUTO_FRONTENDS}",
         low=-1,
         high=64,
     )
