@@ -107,11 +107,12 @@ def _load(
     concurrency: int,
     seconds: float,
     lengths: list[int] | None,
+    client_flags: list[str] | None = None,
 ) -> Load | None:
     inputs = FIXED_MODELS[base]["inputs"]
     if client == "perf_analyzer":
         shapes = variable_shapes(base) if base in MODELS else {}
-        return perf_analyzer(url, model, concurrency, seconds, shapes)
+        return perf_analyzer(url, model, concurrency, seconds, shapes, client_flags)
     return python_load(url, model, concurrency, seconds, inputs, lengths)
 
 
@@ -123,12 +124,15 @@ def measure(
     seconds: float,
     client: str,
     lengths: list[int] | None,
+    client_flags: list[str] | None = None,
 ) -> Point | None:
-    """Load `name` (or `name_single`) on a running server; mean batch from its metrics."""
+    """Load `name` (or `name_single`) on a running server; mean batch from its metrics.
+
+    `client_flags`: more perf_analyzer flags (e.g. `--shared-memory system`)."""
     served = name + ("_single" if mode == "single" else "")
     _load(server.url, served, name, "python", 1, 0.5, lengths)  # warm-up: shapes, sessions
     before = server.model_counters(served)
-    load = _load(server.url, served, name, client, concurrency, seconds, lengths)
+    load = _load(server.url, served, name, client, concurrency, seconds, lengths, client_flags)
     if load is None:
         return None
     point = Point(

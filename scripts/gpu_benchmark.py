@@ -198,12 +198,20 @@ def require_ready(server: benchmark.Server, names: list[str]) -> None:
 
 
 def serve_load(
-    server: benchmark.Server, name: str, concurrency: int, seconds: float
+    server: benchmark.Server,
+    name: str,
+    concurrency: int,
+    seconds: float,
+    client_flags: list[str] | None = None,
 ) -> tuple[benchmark.Point, str]:
     benchmark.FIXED_MODELS[name] = {"inputs": MODELS[name]["inputs"], "max_batch": 1}
-    point = benchmark.measure(server, name, "batching", concurrency, seconds, "perf_analyzer", None)
+    point = benchmark.measure(
+        server, name, "batching", concurrency, seconds, "perf_analyzer", None, client_flags
+    )
     if point is not None:
         return point, "perf_analyzer"
+    if client_flags:
+        raise SystemExit(f"perf_analyzer failed with {client_flags} (no fallback client for them)")
     point = benchmark.measure(server, name, "batching", concurrency, seconds, "python", None)
     assert point is not None
     return point, "python"
@@ -259,6 +267,12 @@ def main() -> int:
         help="extra server flags, one string (e.g. '--no-cuda-io-binding'), given to the "
         "measured server and to the transport ceiling alike",
     )
+    parser.add_argument(
+        "--client-args",
+        default="",
+        help="extra perf_analyzer flags, one string (e.g. '--shared-memory system "
+        "--output-shared-memory-size 4096'; give the server --allow-shared-memory)",
+    )
     parser.add_argument("--skip-first-request", action="store_true")
     options = parser.parse_args()
     SIZES[:] = sorted(set(options.raw_sizes) | {1})
@@ -284,6 +298,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as scratch:
         repository = write_repository(Path(scratch), options.models, preferred)
         server_args = shlex.split(options.server_args)
+        client_flags = shlex.split(options.client_args)
         server = benchmark.Server(repository, extra=server_args)
         ceiling = benchmark.Server(
             repository,
@@ -316,7 +331,9 @@ def main() -> int:
                         rate1, p99_1 = raws[name].rate(1, options.seconds / 2)
                         best_rate, _ = raws[name].rate(best_batch, options.seconds / 2)
                         before = benchmark.server_side(server.url, name)
-                        point, client = serve_load(server, name, concurrency, options.seconds)
+                        point, client = serve_load(
+                            server, name, concurrency, options.seconds, client_flags
+                        )
                         after = benchmark.server_side(server.url, name)
                         phases = benchmark.per_batch(before, after)
                         print(f"{name} c={concurrency} server:{phases}", file=sys.stderr)
