@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator
 from threading import Thread
 from typing import Any
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -33,6 +33,7 @@ from prometheus_client.registry import Collector
 
 from .errors import StartupError
 from .gpu import GpuMonitor, GpuReading
+from .metrics_http import serve_metrics
 from .repository import ModelRegistry, ModelVersion, VersionState
 from .statistics import Histogram, StatsSnapshot
 
@@ -313,7 +314,7 @@ class MetricsEndpoint:
 
     def start(self, host: str, port: int) -> int:
         try:
-            self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
+            self._server, self._thread = serve_metrics(self.registry, host, port)
         except OSError as error:
             raise StartupError(f"cannot listen for metrics on {host}:{port}: {error}") from None
         self.port = int(self._server.server_address[1])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -205,3 +206,19 @@ def test_metrics_off_keeps_statistics(tmp_path: Path) -> None:
         assert client.get_inference_statistics("plain").model_stats[0].inference_count == 1
         snapshot = running.server.registry.resolve("plain", "").stats.snapshot()
         assert snapshot.request_seconds.count == 0  # no histograms kept
+
+
+def test_the_metrics_port_serves_metrics_only(server: ServerThread) -> None:
+    """A probe pointed at the metrics port by mistake must not pass."""
+    base = f"http://127.0.0.1:{server.server.metrics_port}"
+    for path in ("/", "/v2/health/ready", "/metrics/extra", "/favicon.ico"):
+        with pytest.raises(urllib.error.HTTPError) as missing:
+            urllib.request.urlopen(base + path, timeout=5)
+        assert missing.value.code == 404, path
+        assert b"serves /metrics only" in missing.value.read()
+    with urllib.request.urlopen(base + "/metrics", timeout=5) as page:
+        assert page.status == 200
+        assert b"nv_inference_count" in page.read()
+    request = urllib.request.Request(base + "/metrics", headers={"Accept-Encoding": "gzip"})
+    with urllib.request.urlopen(request, timeout=5) as page:
+        assert page.headers["Content-Encoding"] == "gzip"
