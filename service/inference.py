@@ -52,10 +52,15 @@ class InferenceResult:
 
 
 _RESERVED = np.empty(0)
+# The token input whose values index the vocabulary (service.text's roles).
+TOKEN_IDS = "input_ids"
 
 
 class Tokenizer(Protocol):
     """Turns one request's strings into the model's token inputs (service.text)."""
+
+    @property
+    def vocabulary_size(self) -> int: ...
 
     def encode(self, texts: Sequence[str]) -> dict[str, np.ndarray]: ...
 
@@ -246,11 +251,27 @@ class RequestBuilder:
                 f"{self._label} needs token input(s) {', '.join(repr(m) for m in missing)} "
                 f"alongside {', '.join(repr(g) for g in given)}"
             )
+        self._check_token_ids()
         length = self._inputs[given[0]].shape[-1]
         if length > self._signature.max_tokens:
             raise InvalidInputError(
                 f"input '{given[0]}' has {length} tokens; {self._label} accepts at most "
                 f"{self._signature.max_tokens}"
+            )
+
+    def _check_token_ids(self) -> None:
+        """Ids index the model's embedding table: onnxruntime's Gather would count a
+        negative one from the end, and fail inside the run on one past the end."""
+        ids = self._inputs.get(TOKEN_IDS)
+        if ids is None or not ids.size or self._tokenizer is None:
+            return
+        size = self._tokenizer.vocabulary_size
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= size:
+            bad = low if low < 0 else high
+            raise InvalidInputError(
+                f"input '{TOKEN_IDS}' holds token id {bad}; ids must lie in [0, {size}), the "
+                f"vocabulary of {self._label}'s tokenizer"
             )
 
     def _check_outputs(self, requested: list[str]) -> tuple[str, ...]:

@@ -18,6 +18,7 @@ import numpy as np
 
 from .datatypes import DATATYPES
 from .errors import InvalidInputError
+from .inference import TOKEN_IDS
 from .model_config import (
     GraphSignature,
     ModelConfigError,
@@ -28,7 +29,7 @@ from .model_config import (
 from .protocol import model_config_pb2 as mc
 
 # Graph inputs the tokenizer can fill, by the names exporters give them.
-ROLES = ("input_ids", "attention_mask", "token_type_ids")
+ROLES = (TOKEN_IDS, "attention_mask", "token_type_ids")
 _INTEGER_TYPES: dict[str, type[np.integer]] = {
     "tensor(int64)": np.int64,
     "tensor(int32)": np.int32,
@@ -109,7 +110,7 @@ class TextInputConfig:
                     "with a dynamic sequence dimension for text input"
                 )
             targets.append((tensor.name, tensor.name, dtype))
-        if not any(role == "input_ids" for _, role, _ in targets):
+        if not any(role == TOKEN_IDS for _, role, _ in targets):
             raise ModelConfigError("text input needs a model input named 'input_ids'")
         return TextInputConfig(name, found, max_length, truncation == "true", tuple(targets))
 
@@ -128,6 +129,7 @@ class TextEncoder:
                 f"tokenizer '{settings.tokenizer.name}' could not be read: {error}"
             ) from None
         self._tokenizer.no_padding()
+        self.vocabulary_size: int = self._tokenizer.get_vocab_size(with_added_tokens=True)
         self._tokenizer.enable_truncation(settings.max_length)
         self.pad_id = self._tokenizer.padding["pad_id"] if self._tokenizer.padding else 0
         for token in ("[PAD]", "<pad>"):
@@ -149,11 +151,11 @@ class TextEncoder:
         length = max(len(e.ids) for e in encodings)
         arrays: dict[str, np.ndarray] = {}
         for name, role, dtype in self.settings.targets:
-            pad = self.pad_id if role == "input_ids" else 0
+            pad = self.pad_id if role == TOKEN_IDS else 0
             array = np.full((len(encodings), length), pad, dtype=dtype)
             for row, encoding in enumerate(encodings):
                 values = {
-                    "input_ids": encoding.ids,
+                    TOKEN_IDS: encoding.ids,
                     "attention_mask": encoding.attention_mask,
                     "token_type_ids": encoding.type_ids,
                 }[role]
@@ -185,7 +187,7 @@ def with_text_input(
     completed.input.add(name=settings.input_name, data_type=mc.TYPE_STRING, dims=[1], optional=True)
     pad_values = dict(signature.pad_values)
     for name, role, _ in settings.targets:
-        pad_values.setdefault(name, float(pad_id) if role == "input_ids" else 0.0)
+        pad_values.setdefault(name, float(pad_id) if role == TOKEN_IDS else 0.0)
     check_padding_can_be_undone(replace(signature, pad_values=pad_values))
     return completed, replace(
         signature,

@@ -302,3 +302,32 @@ def test_export_refuses_to_write_a_model_that_fails_parity(tmp_path: Path) -> No
             disagree,
         )
     assert not target.exists()
+
+
+@pytest.mark.parametrize("bad", [-1, "size"])
+def test_token_ids_outside_the_vocabulary_are_refused(
+    client: grpcclient.InferenceServerClient, bad: int | str
+) -> None:
+    """A negative id would be read from the end of the embedding table; one past the end
+    would fail inside onnxruntime."""
+    from tokenizers import Tokenizer
+
+    size = Tokenizer.from_file(
+        str(REPOSITORY / "text_classifier" / "tokenizer.json")
+    ).get_vocab_size(with_added_tokens=True)
+    ids = np.array([[1, 2, size - 1, -1 if bad == -1 else size]], dtype=np.int64)
+    mask = np.ones_like(ids)
+    with pytest.raises(InferenceServerException) as refused:
+        client.infer(
+            "text_classifier", [int_input("input_ids", ids), int_input("attention_mask", mask)]
+        )
+    assert refused.value.status() == "StatusCode.INVALID_ARGUMENT"
+    wrong = -1 if bad == -1 else size
+    assert (
+        f"input 'input_ids' holds token id {wrong}; ids must lie in [0, {size})"
+        in refused.value.message()
+    )
+    ids[0, 3] = size - 1  # the largest id is fine
+    client.infer(
+        "text_classifier", [int_input("input_ids", ids), int_input("attention_mask", mask)]
+    )
