@@ -8,7 +8,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2
 from tritonclient.utils import InferenceServerException
 
 from tests.conftest import FrontendsServer, ServerThread
@@ -193,20 +193,40 @@ def test_grpc_health_overall_and_per_model(server: ServerThread) -> None:
         assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-def test_reflection_lists_and_describes_services(server: ServerThread) -> None:
-    """What grpcurl does: list services, then fetch the file that defines one."""
+@pytest.mark.parametrize("version", ["v1alpha", "v1"])
+def test_reflection_lists_and_describes_services(
+    server: ServerThread | FrontendsServer, version: str
+) -> None:
+    """What grpcurl (v1alpha) and newer clients such as grpc-js's (v1) do: list services,
+    then fetch the file that defines one. The two versions' messages are the same."""
     with grpc.insecure_channel(server.url) as channel:
-        reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+        info = channel.stream_stream(
+            f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo",
+            request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+        )
         requests = [
             reflection_pb2.ServerReflectionRequest(list_services=""),
             reflection_pb2.ServerReflectionRequest(
                 file_containing_symbol="inference.GRPCInferenceService"
             ),
             reflection_pb2.ServerReflectionRequest(file_by_filename="model_config.proto"),
+            reflection_pb2.ServerReflectionRequest(
+                file_containing_symbol=f"grpc.reflection.{version}.ServerReflection"
+            ),
         ]
-        listing, service_file, config_file = list(reflection.ServerReflectionInfo(iter(requests)))
+        listing, service_file, config_file, own_file = list(info(iter(requests)))
     names = {s.name for s in listing.list_services_response.service}
-    assert {"inference.GRPCInferenceService", "grpc.health.v1.Health"} <= names
+    assert {
+        "inference.GRPCInferenceService",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+        "grpc.reflection.v1.ServerReflection",
+    } <= names
+    own = descriptor_pb2.FileDescriptorProto.FromString(
+        own_file.file_descriptor_response.file_descriptor_proto[0]
+    )
+    assert own.package == f"grpc.reflection.{version}"
     proto = descriptor_pb2.FileDescriptorProto.FromString(
         service_file.file_descriptor_response.file_descriptor_proto[0]
     )

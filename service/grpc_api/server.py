@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from ..errors import StartupError
 from ..protocol import POOL
@@ -18,6 +19,55 @@ from .auth import TokenGuard
 from .servicer import SERVICE_NAME, rpc_handler
 
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+
+
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+def _register_reflection_v1_descriptor() -> None:
+    """Reflection describes itself in both versions: v1alpha's file as the package ships
+    it, and v1's, which is v1alpha's under another package (same messages, same field
+    numbers)."""
+    try:
+        POOL.FindFileByName(_REFLECTION_V1_FILE)
+        return
+    except KeyError:
+        pass
+    POOL.AddSerializedFile(reflection_pb2.DESCRIPTOR.serialized_pb)
+    file = descriptor_pb2.FileDescriptorProto.FromString(reflection_pb2.DESCRIPTOR.serialized_pb)
+    old, new = f".{file.package}.", ".grpc.reflection.v1."
+    file.name = _REFLECTION_V1_FILE
+    file.package = new.strip(".")
+    file.options.Clear()
+    for message in file.message_type:
+        for field in message.field:
+            if field.type_name.startswith(old):
+                field.type_name = new + field.type_name[len(old) :]
+    for service in file.service:
+        for method in service.method:
+            method.input_type = new + method.input_type[len(old) :]
+            method.output_type = new + method.output_type[len(old) :]
+    POOL.Add(file)
+
+
+_REFLECTION_V1_FILE = "grpc/reflection/v1/reflection.proto"
+
+
+def _enable_reflection(server: grpc.aio.Server, names: Sequence[str]) -> None:
+    """Serve reflection as v1alpha (grpcurl, older clients) and v1 (newer ones): one
+    servicer, the v1 method reading and writing v1alpha's identical messages."""
+    _register_reflection_v1_descriptor()
+    listed = (*names, reflection.SERVICE_NAME, REFLECTION_V1)
+    reflection.enable_server_reflection(listed, server, pool=POOL)
+    servicer = reflection.aio.ReflectionServicer(listed, pool=POOL)
+    handler = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(REFLECTION_V1, {"ServerReflectionInfo": handler}),)
+    )
 
 
 def _register_health_descriptor() -> None:
@@ -94,9 +144,7 @@ def build_grpc_server(
     server.add_generic_rpc_handlers((rpc_handler(implementations, guard, fallback),))
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     _register_health_descriptor()
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, HEALTH_SERVICE, reflection.SERVICE_NAME), server, pool=POOL
-    )
+    _enable_reflection(server, (SERVICE_NAME, HEALTH_SERVICE))
     address = f"{settings.grpc_host}:{settings.grpc_port}"
     credentials = server_credentials(settings)
     try:
