@@ -37,6 +37,8 @@ QUIET_SLEEP_NS = 200_000
 # gRPC's work on the calls that wait, far longer than this gap.
 _IDLE_POLL_GAP_NS = 50_000
 _LINGER_FRESH_NS = 100_000
+# A drain ends only after this long without a new request (see ServerState.wait_quiet).
+QUIET_BEFORE_STOP_NS = 200_000_000
 
 
 class ServerState:
@@ -68,6 +70,8 @@ class ServerState:
         self._polled_ns = 0
         self._idle_poll_ns = 0
         self._lingering = False
+        # When a request last arrived (and was refused) while draining (ns).
+        self._refused_while_draining_ns = 0
 
     def request_started(self) -> None:
         self.in_flight += 1
@@ -121,6 +125,20 @@ class ServerState:
         """Return once no inference request is in flight."""
         await self._idle.wait()
 
+    async def wait_quiet(self, deadline: float) -> None:
+        """While draining, return once no request has arrived for QUIET_BEFORE_STOP_NS (or
+        at `deadline`, loop time). gRPC cancels the calls it has received but not yet handed
+        to the server when it stops (clients see CANCELLED, which they do not retry); until
+        the clients have heard UNAVAILABLE and stopped sending, the server keeps answering."""
+        loop = asyncio.get_running_loop()
+        waiting_since = time.perf_counter_ns()  # answers just sent bring new requests
+        while loop.time() < deadline:
+            latest = max(self._refused_while_draining_ns, waiting_since)
+            quiet_for = time.perf_counter_ns() - latest
+            if quiet_for >= QUIET_BEFORE_STOP_NS:
+                return
+            await asyncio.sleep((QUIET_BEFORE_STOP_NS - quiet_for) / 1e9)
+
     @property
     def ready(self) -> bool:
         if self.draining or not self._registry.loading_done:
@@ -135,6 +153,8 @@ class ServerState:
 
     def admit_inference(self) -> None:
         """Refuse an inference request the server cannot take now, before it is decoded."""
+        if self.draining:
+            self._refused_while_draining_ns = time.perf_counter_ns()
         self.check_accepting()
         if self._max_in_flight and self.in_flight >= self._max_in_flight:
             # A flood cannot pile up decoded tensors in memory.

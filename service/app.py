@@ -4,7 +4,8 @@ Order matters for orchestrators. The gRPC port opens first, so liveness
 succeeds while models load and readiness (ServerReady, grpc.health.v1) turns
 true only once loading is done. On SIGTERM or SIGINT, readiness and health go
 NOT_SERVING at once, new inference requests get UNAVAILABLE, in-flight ones
-finish (up to the grace period), then the process exits 0.
+finish (up to the grace period), and the port closes only once requests have
+stopped arriving (ServerState.wait_quiet); then the process exits 0.
 """
 
 from __future__ import annotations
@@ -179,12 +180,15 @@ class InferenceServer:
         self._notify_listeners()
         await self.health.enter_graceful_shutdown()
         log.info("shutting down: %d request(s) in flight, grace %.1fs", self.state.in_flight, grace)
+        deadline = asyncio.get_running_loop().time() + grace
         try:
             await asyncio.wait_for(self.state.wait_idle(), timeout=grace)
         except TimeoutError:
             log.warning(
                 "grace period over with %d request(s) still in flight", self.state.in_flight
             )
+        if self._listen:
+            await self.state.wait_quiet(deadline)
         if self._loading is not None and not self._loading.done():
             self._loading.cancel()
         if self._polling is not None:

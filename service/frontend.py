@@ -267,10 +267,12 @@ async def serve_frontend(
         return
     state.draining = True
     await health_servicer.enter_graceful_shutdown()
+    deadline = loop.time() + settings.shutdown_grace_seconds
     try:
         await asyncio.wait_for(state.wait_idle(), timeout=settings.shutdown_grace_seconds)
     except TimeoutError:
         log.warning("front end %d: grace period over with %d in flight", frontend, state.in_flight)
+    await state.wait_quiet(deadline)
     await server.stop(1.0)
     reader.cancel()
     regions.close()
