@@ -14,7 +14,10 @@ Steps, each reported as it runs:
      warm-up covers every shape the batcher forms, NVML gauges are exported;
   4. scripts/gpu_benchmark.py: ResNet-18 and MiniLM on the server against raw
      onnxruntime-CUDA in-process (throughput, p99, ratios) and the first-request
-     penalty with warm-up off and on.
+     penalty with warm-up off and on;
+  5. with --frontends N...: the benchmark again at c1 and the highest concurrency
+     for each --frontend-processes N, over the wire and (--shared-memory) with
+     perf_analyzer's --shared-memory system, into <output>/frontends-N[-shm].
 Exit status: 0 when the tests pass and the benchmark ran, 1 otherwise, 2 without a GPU.
 """
 
@@ -125,6 +128,18 @@ def main() -> int:
         help="then measure the highest concurrency again with these server flags "
         "(e.g. '--no-cuda-io-binding'), into <output>/with-flags",
     )
+    parser.add_argument(
+        "--frontends",
+        nargs="+",
+        default=[],
+        metavar="N",
+        help="then measure c1 and the highest concurrency with --frontend-processes N",
+    )
+    parser.add_argument(
+        "--shared-memory",
+        action="store_true",
+        help="with --frontends: each N also with inputs and outputs in system shared memory",
+    )
     options = parser.parse_args()
 
     step("GPU")
@@ -190,10 +205,39 @@ def main() -> int:
             "--skip-first-request",
         )
         variant_ok = variant.returncode == 0
+    highest = max(options.concurrency, key=int)
+    for count in options.frontends:
+        for shared in (False, True) if options.shared_memory else (False,):
+            label = f"frontends-{count}" + ("-shm" if shared else "")
+            step(f"benchmark, {label}")
+            server_flags = f"--frontend-processes {count}" + (
+                " --allow-shared-memory" if shared else ""
+            )
+            client_flags = (
+                ["--client-args", "--shared-memory system --output-shared-memory-size 1048576"]
+                if shared
+                else []
+            )
+            variant = run_benchmark(
+                environment,
+                options.seconds,
+                options.output / label,
+                "--concurrency",
+                "1",
+                highest,
+                "--repeats",
+                "1",
+                "--server-args",
+                server_flags,
+                *client_flags,
+                "--skip-first-request",
+            )
+            variant_ok = variant_ok and variant.returncode == 0
     step("summary")
     print(
         f"{card}; GPU tests {'passed' if tests.returncode == 0 else 'FAILED'}; benchmark "
         f"{'ran' if benchmark.returncode == 0 else 'FAILED'}"
+        + ("" if variant_ok else "; a variant FAILED")
     )
     return 0 if tests.returncode == 0 and benchmark.returncode == 0 and variant_ok else 1
 
