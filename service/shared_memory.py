@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import errno
 import logging
-import mmap
 import os
 import stat
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import (
@@ -62,16 +61,25 @@ def _shown(name: str) -> str:
     return "".join(ch if ch.isprintable() else "?" for ch in name[:80])
 
 
-@dataclass(eq=False)
 class SystemRegion:
-    """One registered window [offset, offset + byte_size) of a shared memory object."""
+    """One registered window [offset, offset + byte_size) of a shared memory object.
 
-    name: str
-    key: str
-    offset: int
-    byte_size: int
-    _fd: int = field(repr=False)
-    _map: mmap.mmap = field(repr=False)
+    Read and written with pread/pwrite on the object's descriptor, never mapped: a client
+    that shrinks its object, or a /dev/shm that fills up, then gives a short read or
+    ENOSPC (a clean error) where a mapping would kill the process with SIGBUS. The
+    descriptor is closed only once no request is using it, so an unregister can never
+    let a request read another file that reused the number.
+    """
+
+    def __init__(self, name: str, key: str, offset: int, byte_size: int, fd: int) -> None:
+        self.name = name
+        self.key = key
+        self.offset = offset
+        self.byte_size = byte_size
+        self._fd = fd
+        self._users = 0
+        self._closing = False
+        self._lock = threading.Lock()
 
     def check_bounds(self, what: str, offset: int, size: int) -> None:
         """Refuse a window that does not lie inside the registered one."""
@@ -87,28 +95,19 @@ class SystemRegion:
                 f"'{_shown(self.name)}' ({self.byte_size} bytes)"
             )
 
-    def _check_extent(self, what: str, offset: int, size: int) -> int:
-        """The object position of [offset, offset + size) once it is safe to touch."""
-        self.check_bounds(what, offset, size)
-        start = self.offset + offset
-        try:
-            current = os.fstat(self._fd).st_size
-        except OSError:
-            raise self._gone(what) from None
-        if current < start + size:
-            raise InvalidInputError(
-                f"{what}: shared memory region '{_shown(self.name)}' has shrunk since it was "
-                "registered; unregister it and register it again"
-            )
-        return start
-
     def read(self, what: str, offset: int, size: int) -> bytes:
         """A copy of `size` bytes at `offset` within the region."""
-        start = self._check_extent(what, offset, size)
+        self.check_bounds(what, offset, size)
+        fd = self._enter(what)
         try:
-            return self._map[start : start + size]
-        except ValueError:  # closed by an unregister meanwhile
-            raise self._gone(what) from None
+            data = os.pread(fd, size, self.offset + offset) if size else b""
+        except OSError as error:
+            raise self._failed(what, error) from None
+        finally:
+            self._leave()
+        if len(data) != size:
+            raise self._shrunk(what)
+        return data
 
     def write(self, what: str, offset: int, size: int, data: bytes) -> None:
         """Copy `data` to `offset` within the region; it must fit in `size` bytes."""
@@ -116,22 +115,56 @@ class SystemRegion:
             raise InvalidInputError(
                 f"{what} has {len(data)} bytes, more than its shared_memory_byte_size {size}"
             )
-        start = self._check_extent(what, offset, size)
+        self.check_bounds(what, offset, size)
+        fd = self._enter(what)
         try:
-            self._map[start : start + len(data)] = data
-        except ValueError:
-            raise self._gone(what) from None
+            if os.fstat(fd).st_size < self.offset + offset + len(data):
+                raise self._shrunk(what)
+            written = os.pwrite(fd, data, self.offset + offset) if data else 0
+        except OSError as error:
+            raise self._failed(what, error) from None
+        finally:
+            self._leave()
+        if written != len(data):
+            raise self._shrunk(what)
 
-    def _gone(self, what: str) -> NotFoundError:
-        return NotFoundError(
-            f"{what}: shared memory region '{_shown(self.name)}' was unregistered while the "
-            "request used it"
+    def _enter(self, what: str) -> int:
+        with self._lock:
+            if self._closing:
+                raise NotFoundError(
+                    f"{what}: shared memory region '{_shown(self.name)}' was unregistered "
+                    "while the request used it"
+                )
+            self._users += 1
+            return self._fd
+
+    def _leave(self) -> None:
+        with self._lock:
+            self._users -= 1
+            close = self._closing and self._users == 0
+        if close:
+            os.close(self._fd)
+
+    def _shrunk(self, what: str) -> InvalidInputError:
+        return InvalidInputError(
+            f"{what}: shared memory region '{_shown(self.name)}' has shrunk since it was "
+            "registered; unregister it and register it again"
+        )
+
+    def _failed(self, what: str, error: OSError) -> InvalidInputError:
+        return InvalidInputError(
+            f"{what}: shared memory region '{_shown(self.name)}' cannot be used: "
+            f"{error.strerror or 'I/O error'}"
         )
 
     def close(self) -> None:
-        try:
-            self._map.close()
-        finally:
+        """Forget the region; its descriptor closes when the last request using it ends."""
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
+            close = self._users == 0
+        if close:
             os.close(self._fd)
 
 
@@ -187,7 +220,13 @@ def _open_object(name: str, shown: str) -> int:
             errno.EACCES: "the server may not read and write the object with that key",
             errno.EPERM: "the server may not read and write the object with that key",
             errno.ELOOP: "the key names a link, not a shared memory object",
-        }.get(error.errno or 0, "the shared memory object with that key cannot be opened")
+        }.get(error.errno or 0)
+        if reason is None and error.errno in (errno.EMFILE, errno.ENFILE):
+            raise RequestTooLargeError(
+                f"cannot register region '{shown}': the server has no file descriptor left; "
+                "unregister some regions"
+            ) from None
+        reason = reason or "the shared memory object with that key cannot be opened"
         raise InvalidInputError(f"cannot register region '{shown}': {reason}") from None
     return fd
 
@@ -233,10 +272,11 @@ class SharedMemoryRegions:
                 )
         fd = _open_object(object_name, shown)
         try:
-            region = self._map(fd, name, key, offset, byte_size, shown)
+            self._checked_object(fd, offset, byte_size, shown)
         except BaseException:
             os.close(fd)
             raise
+        region = SystemRegion(name, key, offset, byte_size, fd)
         with self._lock:
             if name in self._regions:  # registered by a concurrent call meanwhile
                 region.close()
@@ -247,7 +287,7 @@ class SharedMemoryRegions:
         log.info("registered system shared memory region '%s' (%d bytes)", shown, byte_size)
 
     @staticmethod
-    def _map(fd: int, name: str, key: str, offset: int, byte_size: int, shown: str) -> SystemRegion:
+    def _checked_object(fd: int, offset: int, byte_size: int, shown: str) -> None:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise InvalidInputError(
@@ -259,8 +299,6 @@ class SharedMemoryRegions:
                 f"cannot register region '{shown}': offset {offset} + byte_size {byte_size} = "
                 f"{end} is past the end of the shared memory object ({info.st_size} bytes)"
             )
-        mapped = mmap.mmap(fd, end, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        return SystemRegion(name, key, offset, byte_size, fd, mapped)
 
     def unregister(self, name: str) -> None:
         """Forget one region, or all of them when `name` is empty; an unknown name is
