@@ -18,6 +18,7 @@ import collections
 import itertools
 import logging
 import pickle
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -190,6 +191,8 @@ class Engine:
         waiting = [link.tell(build(next(self._seq))) for link in list(self.links)]
         if waiting:
             _done, late = await asyncio.wait(waiting, timeout=ACK_SECONDS)
+            for waiting_late in late:
+                waiting_late.cancel()
             if late:
                 log.warning("%d front end(s) did not acknowledge a change in time", len(late))
 
@@ -210,6 +213,7 @@ async def run_engine(
 ) -> None:
     """The engine process until the supervisor says stop (0) or a fatal runtime error (3)."""
     with stopping_on((STOP_SIGNAL,)) as (stop, reasons):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {STOP_SIGNAL})  # held since the fork
         sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
         engine = Engine(settings, socket_path, supervisor_pid)
         engine.server.on_loaded = lambda summary: report(f"loaded {summary}")

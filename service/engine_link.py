@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +21,7 @@ import numpy as np
 from .errors import RequestTooLargeError, ServerUnavailableError, ServingError, Status
 from .inference import InferenceRequest, InferenceResult, OutputTensor
 from .ipc import (
+    MAX_FRAME_BYTES,
     TEXT,
     Ack,
     Answer,
@@ -27,6 +29,7 @@ from .ipc import (
     Catalog,
     Channel,
     Failure,
+    FrameTooLargeError,
     Hello,
     Infer,
     Refusal,
@@ -38,6 +41,8 @@ from .ipc import (
 )
 from .settings import Settings
 from .slabs import Slab, SlabAllocator, slab_prefix
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from .frontend import RemoteVersion
@@ -128,11 +133,13 @@ class EngineLink:
                     self._settle(message.id, RemoteFailureError(message.status, message.message))
                 elif isinstance(message, Reply):
                     self._settle(message.id, message.response)
-                elif isinstance(message, Catalog):
-                    self.on_catalog(message)
-                    self._channel.send(Ack(message.seq))
-                elif isinstance(message, Regions):
-                    self.on_regions(message)
+                elif isinstance(message, Catalog | Regions):
+                    try:
+                        (self.on_catalog if isinstance(message, Catalog) else self.on_regions)(
+                            message  # type: ignore[arg-type]
+                        )
+                    except Exception:
+                        log.exception("front end could not apply the engine's news")
                     self._channel.send(Ack(message.seq))
         finally:
             self.gone.set()
@@ -172,9 +179,17 @@ class EngineLink:
             for offset in allocations:
                 self._request_space.free(offset)
             raise ServerUnavailableError("the server's engine has stopped; retry")
+        try:
+            self._channel.send(message)
+        except FrameTooLargeError:
+            for offset in allocations:
+                self._request_space.free(offset)
+            raise RequestTooLargeError(
+                f"the request's names, id and parameters take more than {MAX_FRAME_BYTES} "
+                "bytes, more than passes to the server's engine"
+            ) from None
         waiting: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[message.id] = (waiting, allocations)
-        self._channel.send(message)
         return waiting
 
     async def infer(

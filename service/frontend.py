@@ -45,7 +45,7 @@ from .protocol import grpc_service_pb2 as pb
 from .settings import Settings
 from .shared_memory import SharedMemoryRegions
 from .slabs import SlabError
-from .supervisor import STOP_SIGNAL
+from .supervisor import listen_for_stop
 from .text import TextEncoder
 
 log = logging.getLogger(__name__)
@@ -149,6 +149,27 @@ class RemoteCatalog:
         return found
 
 
+class Readiness:
+    """ServerReady and ModelReady answered here: a draining front end is not ready, whatever
+    the engine (not draining yet) would say."""
+
+    def __init__(self, state: ServerState, link: EngineLink) -> None:
+        self._state = state
+        self._link = link
+
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: Any) -> Any:
+        return pb.ServerReadyResponse(ready=self._state.ready)
+
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> Any:
+        if self._state.draining:
+            return pb.ModelReadyResponse(ready=False)
+        try:
+            answer = await self._link.call("ModelReady", request.SerializeToString(), [])
+        except ServingError as error:
+            await context.abort(GRPC_CODES[error.status], error.message)
+        return pb.ModelReadyResponse.FromString(answer)
+
+
 def _sync_regions(regions: SharedMemoryRegions, message: Regions) -> None:
     """Map what the engine has registered, forget what it no longer has."""
     if not regions.enabled:
@@ -165,7 +186,9 @@ def _sync_regions(regions: SharedMemoryRegions, message: Regions) -> None:
             try:
                 regions.register(name, key, offset, byte_size)
             except ServingError as error:
-                log.warning("front end cannot map shared memory region: %s", error.message)
+                log.warning("front end cannot open shared memory region: %s", error.message)
+            except OSError as error:
+                log.warning("front end cannot open shared memory region: %s", error)
 
 
 def _forwarder(link: EngineLink) -> Callable[[str, Any], Callable[..., Awaitable[Any]]]:
@@ -215,7 +238,7 @@ async def serve_frontend(
     (3), or not at all (1); the exit code goes to `codes`."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    loop.add_signal_handler(STOP_SIGNAL, stop.set)
+    listen_for_stop(loop, stop)
     try:
         link, first_catalog, first_regions = await EngineLink.connect(
             socket_path, frontend, generation, settings, supervisor_pid
@@ -248,7 +271,7 @@ async def serve_frontend(
     reader = asyncio.create_task(link.run())
     server, port = build_grpc_server(
         settings,
-        (InferenceCalls(catalog, state, regions),),
+        (InferenceCalls(catalog, state, regions), Readiness(state, link)),
         health_servicer,
         fallback=_forwarder(link),
         reuse_port=True,

@@ -29,6 +29,7 @@ from .ipc import (
     Catalog,
     Channel,
     Failure,
+    FrameTooLargeError,
     Hello,
     Infer,
     Refusal,
@@ -45,6 +46,8 @@ if TYPE_CHECKING:
     from .engine import Engine
 
 log = logging.getLogger(__name__)
+# A refusal's message is cut here: it may quote names a client sent.
+MAX_REFUSAL_CHARS = 64 * 1024
 
 _METHODS = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods_by_name
 # RPCs after which every front end must see the change before the caller hears back.
@@ -109,6 +112,9 @@ class FrontendLink:
                 if not waiting.done():
                     waiting.set_result(None)  # a front end that left acknowledges nothing
             self._engine.links.discard(self)
+            for slab in (self._requests, self._answers):
+                if slab is not None:
+                    slab.unlink()  # a front end that died before it could
             if self.frontend >= 0:
                 log.info("front end %d disconnected", self.frontend)
 
@@ -162,6 +168,7 @@ class FrontendLink:
         """Send a change; the future resolves when this front end has applied it."""
         waiting: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._acks[message.seq] = waiting
+        waiting.add_done_callback(lambda _: self._acks.pop(message.seq, None))
         self._channel.send(message)
         return waiting
 
@@ -233,7 +240,8 @@ class FrontendLink:
 
     def _refuse(self, request_id: int, status: str, message: str) -> None:
         if not self._channel.closing:
-            self._channel.send(Refusal(request_id, status, message))
+            # Messages can quote what a client sent: bounded, so the frame always fits.
+            self._channel.send(Refusal(request_id, status, message[:MAX_REFUSAL_CHARS]))
 
     async def _call(self, message: Call) -> None:
         method = _METHODS.get(message.method)
@@ -243,15 +251,22 @@ class FrontendLink:
                 message.id, Status.UNIMPLEMENTED.value, f"{message.method} is not supported"
             )
             return
-        request = getattr(pb, method.input_type.name).FromString(message.request)
         try:
+            request = getattr(pb, method.input_type.name).FromString(message.request)
             response = await handler(request, ForwardedContext(message.metadata))
         except ForwardedAbortError as abort:
             self._refuse(message.id, abort.code.name, abort.message)
+            return
+        except Exception:
+            log.exception("unexpected error in a forwarded %s", message.method)
+            self._refuse(message.id, Status.INTERNAL.value, INTERNAL_MESSAGE)
             return
         if message.method in _CHANGES_REGIONS:
             await self._engine.broadcast(self._engine.regions_message)
         elif message.method in _CHANGES_MODELS:
             await self._engine.broadcast(self._engine.catalog_message)
         if not self._channel.closing:
-            self._channel.send(Reply(message.id, response.SerializeToString()))
+            try:
+                self._channel.send(Reply(message.id, response.SerializeToString()))
+            except FrameTooLargeError:
+                self._refuse(message.id, Status.RESOURCE_EXHAUSTED.value, "the answer is too large")

@@ -176,6 +176,10 @@ _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
 
 
+class FrameTooLargeError(Exception):
+    """A message over MAX_FRAME_BYTES: refused before it is written."""
+
+
 class Channel:
     """One end of a front end <-> engine connection."""
 
@@ -186,6 +190,8 @@ class Channel:
     def send(self, message: Message) -> None:
         """Queue a message; the transport writes it without blocking the loop."""
         body = _encoder.encode(message)
+        if len(body) > MAX_FRAME_BYTES:
+            raise FrameTooLargeError(f"a {type(message).__name__} message of {len(body)} bytes")
         self._writer.write(_LENGTH.pack(len(body)) + body)
 
     async def receive(self) -> Message | None:

@@ -14,6 +14,7 @@ slabs are unlinked once mapped, and the supervisor sweeps its prefix on exit.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import dataclasses
 import logging
@@ -73,10 +74,21 @@ def frontend_count(settings: Settings) -> int:
     return AUTO_FRONTENDS
 
 
-def _die_with_parent() -> None:
-    """In a child, before exec: killed when the supervisor goes, however it goes."""
+def _prepare_child() -> None:
+    """In a child, before exec: killed when the supervisor goes, however it goes; deaf to
+    the process group's SIGINT/SIGTERM; STOP_SIGNAL held (both survive exec) until the
+    child can handle it, so a stop sent during its start-up is not its death."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    for ignored in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(ignored, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {STOP_SIGNAL})
+
+
+def listen_for_stop(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+    """In a child: STOP_SIGNAL sets `stop`, including one that arrived during start-up."""
+    loop.add_signal_handler(STOP_SIGNAL, stop.set)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {STOP_SIGNAL})
 
 
 def _reserve_port(host: str) -> socket.socket:
@@ -127,7 +139,7 @@ class Supervisor:
             str(generation),
         ]
         process = subprocess.Popen(
-            command, pass_fds=(self._status_write,), preexec_fn=_die_with_parent
+            command, pass_fds=(self._status_write,), preexec_fn=_prepare_child
         )
         return _Child(role, index, generation, process)
 
