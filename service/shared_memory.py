@@ -2,14 +2,14 @@
 
 A client creates a POSIX shared memory object, registers a window of it under a
 name, and then names that window in inference requests instead of sending the
-tensor bytes in the gRPC message. The server maps each window once, at
+tensor bytes in the gRPC message. The server opens the object once, at
 registration, and copies a tensor out of it (or an output into it) only while
 decoding or answering a request: nothing keeps a view of client memory across
 a batch, so a region can be unregistered at any time.
 
-The client owns the memory and may shrink it behind the server's back; touching
-a mapped page past the end of a shrunk object kills a process with SIGBUS. Every
-access therefore checks the object's current size first.
+The client owns the memory and may shrink it behind the server's back; a mapped
+page past the end of a shrunk object would kill the process with SIGBUS. So the
+server never maps it: it reads and writes with pread/pwrite (SystemRegion).
 
 Keys name objects in /dev/shm only, one path component, no symbolic links, and
 never a key under RESERVED_KEY_PREFIX, which is kept for the server's own
