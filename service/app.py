@@ -1,6 +1,6 @@
 """The server process: start listening, load models, serve, drain on signal.
 
-Order matters for orchestrators. The gRPC port opens first, so liveness
+Order matters for orchestrators. The gRPC and HTTP ports open first, so liveness
 succeeds while models load and readiness (ServerReady, grpc.health.v1) turns
 true only once loading is done. On SIGTERM or SIGINT, readiness and health go
 NOT_SERVING at once, new inference requests get UNAVAILABLE, in-flight ones
@@ -25,7 +25,8 @@ from .admission import ServerState
 from .errors import StartupError
 from .grpc_api.infer import InferenceCalls
 from .grpc_api.server import build_grpc_server
-from .grpc_api.servicer import SERVICE_NAME, InferenceServicer
+from .grpc_api.servicer import SERVICE_NAME, InferenceServicer, rpc_implementations
+from .http_api.server import HttpEndpoint
 from .metrics import MetricsEndpoint
 from .repository import ModelRegistry
 from .runtime import available_providers, runtime_version
@@ -68,6 +69,8 @@ class InferenceServer:
         self.metrics = MetricsEndpoint(self.registry, settings.triton_metrics)
         self.regions = SharedMemoryRegions(settings.allow_shared_memory, settings.max_message_bytes)
         self.grpc_port = 0
+        self.http_port = 0
+        self.http: HttpEndpoint | None = None
         self.metrics_port = 0
         self._server: grpc.aio.Server | None = None
         self._loading: asyncio.Task[None] | None = None
@@ -85,12 +88,20 @@ class InferenceServer:
         await self._set_overall_health(NOT_SERVING)
         if self._listen:
             calls = InferenceCalls(self.registry, self.state, self.regions)
-            server, self.grpc_port = build_grpc_server(
-                self.settings, (calls, self.servicer), self.health
-            )
+            rpcs = rpc_implementations((calls, self.servicer))
+            server, self.grpc_port = build_grpc_server(self.settings, rpcs, self.health)
             self._server = server
             await server.start()
             log.info("gRPC server listening on %s:%d", self.settings.grpc_host, self.grpc_port)
+            if self.settings.http_port != 0:
+                self.http = HttpEndpoint(self.settings, rpcs)
+                self.http_port = await self.http.start()
+                log.info(
+                    "HTTP server listening on %s://%s:%d",
+                    self.http.scheme,
+                    self.settings.http_host,
+                    self.http_port,
+                )
         if self.settings.metrics_port >= 0:
             self.metrics_port = self.metrics.start(
                 self.settings.metrics_host, self.settings.metrics_port
@@ -193,6 +204,8 @@ class InferenceServer:
             self._loading.cancel()
         if self._polling is not None:
             self._polling.cancel()
+        if self.http is not None:
+            await self.http.stop(FINAL_STOP_SECONDS)
         if self._server is not None:
             await self._server.stop(FINAL_STOP_SECONDS)
         self.metrics.stop()

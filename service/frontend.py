@@ -33,6 +33,8 @@ from .errors import (
 from .grpc_api.errors import GRPC_CODES
 from .grpc_api.infer import InferenceCalls
 from .grpc_api.server import build_grpc_server
+from .grpc_api.servicer import rpc_implementations
+from .http_api.server import HttpEndpoint
 from .inference import InferenceRequest, InferenceResult
 from .ipc import (
     Catalog,
@@ -269,22 +271,31 @@ async def serve_frontend(
     link.on_catalog = on_catalog
     link.on_regions = lambda message: _sync_regions(regions, message)
     reader = asyncio.create_task(link.run())
-    server, port = build_grpc_server(
-        settings,
-        (InferenceCalls(catalog, state, regions), Readiness(state, link)),
-        health_servicer,
-        fallback=_forwarder(link),
-        reuse_port=True,
+    rpcs = rpc_implementations(
+        (InferenceCalls(catalog, state, regions), Readiness(state, link)), _forwarder(link)
     )
+    server, port = build_grpc_server(settings, rpcs, health_servicer, reuse_port=True)
+    http = HttpEndpoint(settings, rpcs) if settings.http_port != 0 else None
     await _apply_health(health_servicer, catalog, False)
     await server.start()
     log.info("front end %d: gRPC server listening on %s:%d", frontend, settings.grpc_host, port)
+    if http is not None:
+        await http.start(reuse_port=True)
+        log.info(
+            "front end %d: HTTP server listening on %s://%s:%d",
+            frontend,
+            http.scheme,
+            settings.http_host,
+            http.port,
+        )
     report(f"listening {frontend}")
     stopping = asyncio.create_task(stop.wait())
     engine_gone = asyncio.create_task(link.gone.wait())
     await asyncio.wait((stopping, engine_gone), return_when=asyncio.FIRST_COMPLETED)
     if link.gone.is_set() and not stop.is_set():
         log.error("front end %d: the engine has stopped; exiting", frontend)
+        if http is not None:
+            await http.stop(0)
         await server.stop(0)
         codes.append(3)
         return
@@ -296,6 +307,8 @@ async def serve_frontend(
     except TimeoutError:
         log.warning("front end %d: grace period over with %d in flight", frontend, state.in_flight)
     await state.wait_quiet(deadline)
+    if http is not None:
+        await http.stop(1.0)
     await server.stop(1.0)
     reader.cancel()
     regions.close()

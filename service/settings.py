@@ -67,6 +67,21 @@ class Settings:
     grpc_port: int = _setting(
         8001, "gRPC port; 0 picks a free port (the log says which)", low=0, high=65535
     )
+    http_host: str = _setting("0.0.0.0", "address the HTTP/REST server (KServe v2) binds")
+    http_port: int = _setting(
+        8000,
+        "HTTP/REST port (KServe v2 / Triton HTTP protocol); 0 turns HTTP off, -1 picks a free "
+        "port (the log says which)",
+        low=-1,
+        high=65535,
+    )
+    http_max_connections: int = _setting(
+        1000,
+        "HTTP connections and requests the server holds at once; beyond it new requests are "
+        "answered 503 at once",
+        low=1,
+        high=INT32_MAX,
+    )
     metrics_host: str = _setting("0.0.0.0", "address the Prometheus /metrics endpoint binds")
     metrics_port: int = _setting(
         8002, "Prometheus /metrics port; 0 picks a free port, -1 disables", low=-1, high=65535
@@ -321,14 +336,15 @@ class Settings:
                 raise ValueError(
                     f"{name} must be at least 16 printable ASCII characters without spaces"
                 )
-        if (
-            self.metrics_port != -1
-            and self.metrics_port != 0
-            and self.metrics_port == self.grpc_port
-        ):
-            raise ValueError(
-                f"grpc_port and metrics_port are both {self.grpc_port}; give them different ports"
-            )
+        fixed = {"grpc_port": self.grpc_port}
+        for name, port in (("http_port", self.http_port), ("metrics_port", self.metrics_port)):
+            if port > 0:
+                clash = next((other for other, value in fixed.items() if value == port), None)
+                if clash is not None:
+                    raise ValueError(
+                        f"{clash} and {name} are both {port}; give them different ports"
+                    )
+                fixed[name] = port
 
     @property
     def log_level_number(self) -> int:

@@ -116,7 +116,9 @@ class Supervisor:
         self.frontends = frontends
         self.pid = os.getpid()
         self.runtime = Path(tempfile.mkdtemp(prefix="batchwise-"))
-        self._port_holder: socket.socket | None = None
+        self._port_holders: list[socket.socket] = []
+        self.port = settings.grpc_port
+        self.http_port = settings.http_port
         self._stop_requested = False
         self._status_read, self._status_write = os.pipe()
         os.set_blocking(self._status_read, False)
@@ -151,11 +153,15 @@ class Supervisor:
         signal.signal(signal.SIGINT, self._request_stop)
         settings = self.settings
         try:
+            # Free ports are picked here, once, so that every front end binds the same one.
             if settings.grpc_port == 0:
-                self._port_holder = _reserve_port(settings.grpc_host)
-                settings = dataclasses.replace(
-                    settings, grpc_port=self._port_holder.getsockname()[1]
-                )
+                holder = _reserve_port(settings.grpc_host)
+                self._port_holders.append(holder)
+                settings = dataclasses.replace(settings, grpc_port=holder.getsockname()[1])
+            if settings.http_port == -1:
+                holder = _reserve_port(settings.http_host)
+                self._port_holders.append(holder)
+                settings = dataclasses.replace(settings, http_port=holder.getsockname()[1])
             (self.runtime / "settings.pickle").write_bytes(pickle.dumps(settings))
             log.info(
                 "starting the engine and %d front-end process(es) for port %d",
@@ -163,6 +169,7 @@ class Supervisor:
                 settings.grpc_port,
             )
             self.port = settings.grpc_port
+            self.http_port = settings.http_port
             return self._supervise()
         finally:
             self._sweep()
@@ -242,11 +249,12 @@ class Supervisor:
         if not self._announced and self._loaded and len(self._listening) == self.frontends:
             self._announced = True
             log.info(
-                "server ready: %s; %d front-end processes listening on %s:%d",
+                "server ready: %s; %d front-end processes listening on %s:%d (gRPC)%s",
                 self._loaded,
                 self.frontends,
                 self.settings.grpc_host,
                 self.port,
+                f" and port {self.http_port} (HTTP)" if self.http_port else "",
             )
 
     def _sweep(self) -> None:
@@ -254,8 +262,8 @@ class Supervisor:
         for leftover in SHM_ROOT.glob(f"{prefix}*"):
             leftover.unlink(missing_ok=True)
         shutil.rmtree(self.runtime, ignore_errors=True)
-        if self._port_holder is not None:
-            self._port_holder.close()
+        for holder in self._port_holders:
+            holder.close()
 
 
 def _child_main(argv: list[str]) -> int:

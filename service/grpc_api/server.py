@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import grpc
 from google.protobuf import descriptor_pb2
@@ -16,7 +15,7 @@ from ..errors import StartupError
 from ..protocol import POOL
 from ..settings import Settings
 from .auth import TokenGuard
-from .servicer import SERVICE_NAME, rpc_handler
+from .servicer import SERVICE_NAME, RpcImplementation, rpc_handler
 
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
@@ -118,9 +117,8 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
 
 def build_grpc_server(
     settings: Settings,
-    implementations: Sequence[object],
+    rpcs: dict[str, RpcImplementation],
     health_servicer: health.aio.HealthServicer,
-    fallback: Callable[[str, Any], Any] | None = None,
     reuse_port: bool = False,
 ) -> tuple[grpc.aio.Server, int]:
     """Create the server and bind its port; returns the server and the bound port.
@@ -141,7 +139,7 @@ def build_grpc_server(
         ]
     )
     guard = TokenGuard(settings.auth_token, settings.admin_token)
-    server.add_generic_rpc_handlers((rpc_handler(implementations, guard, fallback),))
+    server.add_generic_rpc_handlers((rpc_handler(rpcs, guard),))
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     _register_health_descriptor()
     _enable_reflection(server, (SERVICE_NAME, HEALTH_SERVICE))

@@ -1,8 +1,9 @@
 """inference.GRPCInferenceService: thin handlers over the model registry.
 
-The inference RPCs themselves live in infer.py; `rpc_handler` puts both
+The inference RPCs themselves live in infer.py; `rpc_implementations` puts both
 together, or, in a front-end process, the inference RPCs and a forwarder to the
-engine for everything else.
+engine for everything else. The gRPC port (`rpc_handler`) and the HTTP port
+(service.http_api) call the same implementations.
 """
 
 from __future__ import annotations
@@ -317,33 +318,46 @@ def _guarded(method: str, implementation: Any, guard: TokenGuard) -> Any:
     return handler
 
 
-def rpc_handler(
-    implementations: Sequence[object],
-    guard: TokenGuard | None = None,
-    fallback: Callable[[str, Any], Any] | None = None,
-) -> grpc.GenericRpcHandler:
-    """Method handlers for every RPC in the service descriptor, implemented or not.
+RpcImplementation = Callable[[Any, Any], Any]
 
-    Each RPC is the first of `implementations` that has a method of its name.
-    """
+
+def rpc_implementations(
+    implementations: Sequence[object],
+    fallback: Callable[[str, Any], Any] | None = None,
+) -> dict[str, RpcImplementation]:
+    """Every RPC of the service descriptor by name: the first of `implementations` that has
+    a method of that name, else `fallback(method, response type)` (a front end forwards the
+    rest to the engine), else an UNIMPLEMENTED answer. gRPC and HTTP both call these."""
+    service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    found: dict[str, RpcImplementation] = {}
+    for method in service.methods:
+        implementation = next(
+            (
+                getattr(owner, method.name)
+                for owner in implementations
+                if hasattr(owner, method.name)
+            ),
+            None,
+        )
+        if implementation is None:
+            response_type = getattr(pb, method.output_type.name)
+            implementation = (
+                fallback(method.name, response_type) if fallback else unimplemented(method.name)
+            )
+        found[method.name] = implementation
+    return found
+
+
+def rpc_handler(
+    implementations: dict[str, RpcImplementation], guard: TokenGuard | None = None
+) -> grpc.GenericRpcHandler:
+    """gRPC method handlers for `rpc_implementations`' answer."""
     service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
     handlers = {}
     for method in service.methods:
         request_type = getattr(pb, method.input_type.name)
         response_type = getattr(pb, method.output_type.name)
-        implementation = next(
-            (
-                getattr(found, method.name)
-                for found in implementations
-                if hasattr(found, method.name)
-            ),
-            None,
-        )
-        if implementation is None:
-            # `fallback(method, response type)`: a front end forwards the rest to the engine.
-            implementation = (
-                fallback(method.name, response_type) if fallback else unimplemented(method.name)
-            )
+        implementation = implementations[method.name]
         if not method.client_streaming:  # a stream's messages are checked one by one
             implementation = _refusing_malformed(implementation)
         if guard is not None and guard.enabled:
