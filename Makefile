@@ -24,8 +24,16 @@ $(VENV)/.installed-train: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[cpu,train,client]'
 	touch $@
 
+# The KServe Python SDK (a client the tests use) pins protobuf 6 where the server needs 7:
+# it gets an environment of its own, and the tests run it as a separate process.
+KSERVE_VENV ?= .venv-kserve
+$(KSERVE_VENV)/.installed: | $(BIN)/python
+	$(PYTHON) -m venv $(KSERVE_VENV)
+	$(KSERVE_VENV)/bin/pip install --quiet kserve==0.21.0
+	touch $@
+
 install: $(VENV)/.installed-serve
-install-test: $(VENV)/.installed-test
+install-test: $(VENV)/.installed-test $(KSERVE_VENV)/.installed
 install-train: $(VENV)/.installed-train
 
 # Retrain and re-export every model of models/repository (MiniLM included), ~2-3 minutes.

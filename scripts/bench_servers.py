@@ -79,10 +79,18 @@ class _Process:
 
     process: subprocess.Popen[str]
 
-    def _start(self, command: list[str], ready: str, cwd: Path, cpus: set[int] | None) -> list[str]:
+    def _start(
+        self,
+        command: list[str],
+        ready: str,
+        cwd: Path,
+        cpus: set[int] | None,
+        env: dict[str, str] | None = None,
+    ) -> list[str]:
         self.process = subprocess.Popen(
             command,
             cwd=cwd,
+            env=None if env is None else {**os.environ, **env},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -150,12 +158,18 @@ class Server(_Process):
             "server ready",
             tree,
             cpus,
+            # Environment rather than flags: a baseline checkout without HTTP ignores them.
+            {"BATCHWISE_HTTP_HOST": "127.0.0.1", "BATCHWISE_HTTP_PORT": "-1"},
         )
         self.url = ""
+        self.http_url = ""
         self.metrics = ""
         for line in lines:
             grpc_port = re.search(r"gRPC server listening on [\d.]+:(\d+)", line)
+            http_port = re.search(r"HTTP server listening on https?://[\d.]+:(\d+)", line)
             metrics_port = re.search(r"metrics endpoint listening on (http://\S+)", line)
+            if http_port:
+                self.http_url = f"127.0.0.1:{http_port.group(1)}"
             if grpc_port:
                 self.url = f"127.0.0.1:{grpc_port.group(1)}"
             if metrics_port:

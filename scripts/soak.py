@@ -114,6 +114,8 @@ class Server:
                 "127.0.0.1",
                 "--grpc-port",
                 "18601",
+                "--http-port",
+                "0",
                 "--metrics-port",
                 "-1",
                 *extra_args,

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
 
 from service.app import InferenceServer
 from service.settings import Settings
@@ -43,6 +46,10 @@ class ServerThread:
     def url(self) -> str:
         return f"127.0.0.1:{self.server.grpc_port}"
 
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.server.http_port}"
+
     def client(self) -> grpcclient.InferenceServerClient:
         return grpcclient.InferenceServerClient(self.url)
 
@@ -58,6 +65,8 @@ def serve(repository: Path, **overrides: object) -> ServerThread:
         "model_repository": repository,
         "grpc_host": "127.0.0.1",
         "grpc_port": 0,
+        "http_host": "127.0.0.1",
+        "http_port": -1,
         "metrics_host": "127.0.0.1",
         "metrics_port": 0,
         **overrides,
@@ -128,6 +137,7 @@ class FrontendsServer:
     def __init__(self, process: ServerProcess) -> None:
         self.process = process
         self.url = f"127.0.0.1:{process.grpc_port()}"
+        self.http_url = f"127.0.0.1:{process.http_port()}"
 
     def client(self) -> grpcclient.InferenceServerClient:
         """A client on a connection of its own: gRPC would otherwise share one connection
@@ -166,6 +176,23 @@ def either_server(request: pytest.FixtureRequest) -> ServerThread | FrontendsSer
     name = "inprocess_server" if request.param == LAYOUTS[0] else "frontends_server"
     found: ServerThread | FrontendsServer = request.getfixturevalue(name)
     return found
+
+
+# tritonclient.http's clients run on gevent, whose hub belongs to the thread that made it;
+# closed from another thread (the garbage collector may run in a server's), they raise.
+# So each is closed by the test that made it and kept from the collector until the end.
+_HTTP_CLIENTS: list[httpclient.InferenceServerClient] = []
+
+
+@contextlib.contextmanager
+def http_client(url: str, **options: Any) -> Iterator[httpclient.InferenceServerClient]:
+    connection = httpclient.InferenceServerClient(url, **options)
+    _HTTP_CLIENTS.append(connection)
+    try:
+        yield connection
+    finally:
+        connection.close()
+        connection.close = lambda: None  # type: ignore[method-assign]
 
 
 @pytest.fixture()

@@ -12,6 +12,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 LISTENING = re.compile(r"gRPC server listening on [\d.]+:(\d+)")
+HTTP_LISTENING = re.compile(r"HTTP server listening on https?://[\d.]+:(\d+)")
 METRICS = re.compile(r"metrics endpoint listening on http://[\d.]+:(\d+)/metrics")
 READY = "server ready:"
 
@@ -63,6 +64,11 @@ class ServerProcess:
         assert isinstance(match, re.Match)
         return int(match.group(1))
 
+    def http_port(self) -> int:
+        match = self.wait_for(HTTP_LISTENING)
+        assert isinstance(match, re.Match)
+        return int(match.group(1))
+
     def metrics_port(self) -> int:
         match = self.wait_for(METRICS)
         assert isinstance(match, re.Match)
@@ -83,7 +89,8 @@ class ServerProcess:
 def start_on_loopback(
     repository: Path, *flags: str, env: dict[str, str] | None = None
 ) -> ServerProcess:
-    """A server process on 127.0.0.1, port 0, metrics off, once it reports ready."""
+    """A server process on 127.0.0.1, free gRPC and HTTP ports, metrics off, once it
+    reports ready."""
     server = launch_on_loopback(repository, *flags, env=env)
     server.wait_for("server ready")
     return server
@@ -101,6 +108,10 @@ def launch_on_loopback(
         "127.0.0.1",
         "--grpc-port",
         "0",
+        "--http-host",
+        "127.0.0.1",
+        "--http-port",
+        "-1",
         "--metrics-port",
         "-1",
         *flags,

@@ -38,7 +38,7 @@ for name, kind in (("auto_model", "KIND_AUTO"), ("gpu_model", "KIND_GPU")):
     config.write_text(config.read_text().replace("add_sub", name).replace("KIND_CPU", kind))
 run = subprocess.run(
     ["timeout", "30", "batchwise", "serve", "--model-repository", str(root), "--grpc-port", "0",
-     "--metrics-port", "-1", "--shutdown-grace-seconds", "1"],
+     "--http-port", "0", "--metrics-port", "-1", "--shutdown-grace-seconds", "1"],
     capture_output=True, text=True,
 )
 print(run.stdout + run.stderr)

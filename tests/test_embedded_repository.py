@@ -10,7 +10,7 @@ from tests.conftest import ServerThread
 
 
 def test_every_embedded_model_is_ready_and_add_sub_answers() -> None:
-    settings = Settings(grpc_host="127.0.0.1", grpc_port=0, metrics_port=-1)
+    settings = Settings(grpc_host="127.0.0.1", grpc_port=0, http_port=0, metrics_port=-1)
     assert settings.model_repository == embedded_repository()
     with ServerThread(settings) as server, server.client() as client:
         index = client.get_model_repository_index().models

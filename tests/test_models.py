@@ -29,7 +29,11 @@ def embedded(request: pytest.FixtureRequest) -> Iterator[ServerThread | Frontend
     """The embedded repository in one process, and behind two front ends (which tokenize)."""
     if request.param == LAYOUTS[0]:
         settings = Settings(
-            model_repository=REPOSITORY, grpc_host="127.0.0.1", grpc_port=0, metrics_port=-1
+            model_repository=REPOSITORY,
+            grpc_host="127.0.0.1",
+            grpc_port=0,
+            http_port=0,
+            metrics_port=-1,
         )
         with ServerThread(settings) as server:
             yield server

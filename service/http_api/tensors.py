@@ -229,6 +229,10 @@ def json_tensor_raw(
     except (ValueError, OverflowError):
         raise InvalidInputError(f"{where}: 'data' holds values that are not all numbers") from None
     accepted = _ACCEPTED_KINDS[target.kind]
+    if target.kind in "iu" and array.dtype.kind in "fO" and all(type(v) is int for v in values):
+        # Integers no single numpy type holds (UINT64 above 2**63 beside negatives).
+        _check_range(where, datatype, min(values), max(values))
+        return np.array(values, dtype=target).tobytes()
     if array.size and array.dtype.kind not in accepted:
         found = _KIND_WORDS.get(array.dtype.kind, "values of mixed types")
         raise InvalidInputError(
@@ -236,12 +240,16 @@ def json_tensor_raw(
             f"{_KIND_WORDS[target.kind]}"
         )
     if array.size and target.kind in "iu":
-        limits = np.iinfo(target)
-        if array.min() < limits.min or array.max() > limits.max:
-            raise InvalidInputError(
-                f"{where} has values outside the {datatype.name} range [{limits.min}, {limits.max}]"
-            )
+        _check_range(where, datatype, int(array.min()), int(array.max()))
     return array.astype(target, copy=False).tobytes()
+
+
+def _check_range(where: str, datatype: DataType, low: int, high: int) -> None:
+    limits = np.iinfo(datatype.numpy_dtype)
+    if low < limits.min or high > limits.max:
+        raise InvalidInputError(
+            f"{where} has values outside the {datatype.name} range [{limits.min}, {limits.max}]"
+        )
 
 
 def _flatten(where: str, data: Any, shape: list[int]) -> list[Any]:
