@@ -24,9 +24,9 @@ def server(either_server: ServerThread | FrontendsServer) -> ServerThread | Fron
     return either_server
 
 
-def run_perf_analyzer(url: str, *flags: str) -> str:
-    """perf_analyzer on add_sub (batch 2, concurrency 4, 100-request windows): its output,
-    after checking it exited 0 and reported no error."""
+def run_perf_analyzer(url: str, *flags: str, protocol: str = "grpc") -> str:
+    """perf_analyzer on add_sub (batch 2, concurrency 4, 100-request windows) over `protocol`
+    (grpc or http): its output, after checking it exited 0 and reported no error."""
     import nvidia.cuda_runtime
 
     binary = Path(sys.executable).parent / "perf_analyzer"
@@ -40,7 +40,7 @@ def run_perf_analyzer(url: str, *flags: str) -> str:
         "-u",
         url,
         "-i",
-        "grpc",
+        protocol,
         "-b",
         "2",
         "--concurrency-range",
@@ -74,12 +74,27 @@ def test_perf_analyzer_completes_without_errors(server: ServerThread, mode: list
     assert int(server_section.group(1)) > 0
 
 
-def test_perf_analyzer_with_system_shared_memory(standard_repository: Path) -> None:
+@pytest.mark.parametrize("mode", [[], ["--async"]], ids=["sync", "async"])
+def test_perf_analyzer_over_http(server: ServerThread, mode: list[str]) -> None:
+    """perf_analyzer -i http: metadata, config and statistics as JSON, binary tensors."""
+    output = run_perf_analyzer(server.http_url, *mode, protocol="http")
+    server_section = re.search(r"Successful request count: (\d+)", output)
+    assert server_section is not None, output
+    assert int(server_section.group(1)) > 0
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_perf_analyzer_with_system_shared_memory(standard_repository: Path, protocol: str) -> None:
     """perf_analyzer's --shared-memory system: inputs in regions it registers, and the
     outputs of all its concurrent requests written into one output region."""
     with serve(standard_repository, allow_shared_memory=True) as server:
         run_perf_analyzer(
-            server.url, "--shared-memory", "system", "--output-shared-memory-size", "1024"
+            server.url if protocol == "grpc" else server.http_url,
+            "--shared-memory",
+            "system",
+            "--output-shared-memory-size",
+            "1024",
+            protocol=protocol,
         )
         with server.client() as client:  # perf_analyzer unregistered what it registered
             assert not client.get_system_shared_memory_status().regions

@@ -31,7 +31,7 @@ from ..errors import InvalidInputError
 from ..grpc_api.wire import ReceivedInferRequest
 from ..protocol import grpc_service_pb2 as pb
 from ..shared_memory import REGION_PARAMETER
-from .messages import json_kind, parameter_from_json, parameter_to_json
+from .messages import json_kind, parameter_from_json
 
 HEADER_LENGTH = "inference-header-content-length"
 BINARY_SIZE = "binary_data_size"
@@ -325,9 +325,7 @@ def encode_infer_response(
             "shape": list(tensor.shape),
         }
         if REGION_PARAMETER in tensor.parameters:
-            entry["parameters"] = {
-                key: parameter_to_json(value) for key, value in tensor.parameters.items()
-            }
+            pass  # written to the client's region; clients read a 'parameters' as binary data
         elif request.binary_outputs.get(tensor.name, request.binary_by_default):
             entry["parameters"] = {BINARY_SIZE: len(raw)}
             chunks.append(raw)
