@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import shutil
 import threading
@@ -13,10 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from tests import onnx_models as models
-from tests.conftest import LAYOUTS, FrontendsServer, ServerThread, serve
+from tests.conftest import LAYOUTS, FrontendsServer, ServerThread, http_client, serve
 from tests.process import start_on_loopback
 
 WIDTH = 4
@@ -114,6 +116,48 @@ def test_config_override_is_applied_at_load(explicit: ServerThread | FrontendsSe
         assert "parameter 'config'" in bad.message()
         # The bad override changed nothing.
         assert client.get_model_config("beta").config.max_batch_size == 2
+
+
+def test_model_control_over_http(explicit: ServerThread | FrontendsServer) -> None:
+    """tritonclient.http: load with a config override, index, unload; bad calls are 4xx."""
+    with http_client(explicit.http_url) as client:
+        index = {(m["name"], m["version"]): m["state"] for m in client.get_model_repository_index()}
+        assert index[("alpha", "1")] == "READY" and index[("beta", "")] == "UNAVAILABLE"
+        client.load_model("beta", config=json.dumps({"max_batch_size": 2}))
+        assert client.is_model_ready("beta")
+        assert client.get_model_config("beta")["max_batch_size"] == 2
+        x = httpclient.InferInput("x", [1, WIDTH], "FP32")
+        x.set_data_from_numpy(np.ones((1, WIDTH), np.float32))
+        np.testing.assert_array_equal(client.infer("beta", [x]).as_numpy("y"), [[3, 3, 3, 3]])
+        client.unload_model("beta")
+        assert not client.is_model_ready("beta")
+        bad = _error(lambda: client.load_model("beta", config='{"max_batch_size": "many"}'))
+        assert bad.status() == "400" and "parameter 'config'" in bad.message()
+        missing = _error(lambda: client.load_model("no_such_model"))
+        assert missing.status() in ("400", "404") and "no_such_model" in missing.message()
+        status, _ = _post(
+            explicit.http_url,
+            "/v2/repository/models/beta/load",
+            {"parameters": {"file:1/model.onnx": "AAAA"}},
+        )
+        assert status == 501
+        status, answer = _post(
+            explicit.http_url, "/v2/repository/models/beta/load", {"parameters": {"colour": "blue"}}
+        )
+        assert status == 400 and "unknown parameter 'colour'" in answer["error"]
+        status, answer = _post(explicit.http_url, "/v2/repository/index", [1])
+        assert status == 400 and "must be a JSON object" in answer["error"]
+
+
+def _post(url: str, path: str, document: object) -> tuple[int, dict[str, str]]:
+    host, port = url.split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        connection.request("POST", path, body=json.dumps(document))
+        response = connection.getresponse()
+        return response.status, json.loads(response.read() or b"{}")
+    finally:
+        connection.close()
 
 
 def test_a_failed_load_keeps_the_old_version_serving(

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import datetime
+import http.client
 import ipaddress
+import json
 import logging
 import signal
+import ssl
 import subprocess
 import sys
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +29,7 @@ from tritonclient.utils import InferenceServerException
 
 from service.settings import Settings
 from tests import onnx_models as models
-from tests.conftest import ServerThread, serve
+from tests.conftest import ServerThread, http_client, serve
 from tests.process import ROOT, start_on_loopback
 
 INFERENCE_TOKEN = "inference-token-0123456789abcdef"
@@ -131,6 +135,44 @@ def _tls_client(
     )
 
 
+def _https(
+    port: int,
+    certificates: Certificates,
+    method: str,
+    path: str,
+    body: str | None = None,
+    client: Pair | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, bytes]:
+    """One request over HTTPS that trusts the test CA (and presents `client`)."""
+    context = ssl.create_default_context(cafile=str(certificates.ca))
+    if client is not None:
+        context.load_cert_chain(str(client.cert), str(client.key))
+    connection = http.client.HTTPSConnection("localhost", port, context=context, timeout=10)
+    try:
+        connection.request(method, path, body=body, headers=headers or {})
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+_DOUBLE_JSON = json.dumps(
+    {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [0, 1, 2, 3]}]}
+)
+
+
+def _plain_http_fails(port: int) -> bool:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        connection.request("GET", "/v2/health/live")
+        return connection.getresponse().status != 200
+    except (OSError, http.client.HTTPException):
+        return True
+    finally:
+        connection.close()
+
+
 # ---------------------------------------------------------------- TLS ---
 
 
@@ -145,6 +187,29 @@ def tls_server(repository: Path, certificates: Certificates) -> Iterator[ServerT
 def test_tls_client_is_served(tls_server: ServerThread, certificates: Certificates) -> None:
     with _tls_client(tls_server, certificates) as client:
         np.testing.assert_array_equal(_double(client), [[0, 2, 4, 6]])
+
+
+def test_https_is_served_and_plain_http_refused(
+    tls_server: ServerThread, certificates: Certificates
+) -> None:
+    port = tls_server.server.http_port
+    assert _https(port, certificates, "GET", "/v2/health/ready") == (200, b'{"ready":true}')
+    status, body = _https(port, certificates, "POST", "/v2/models/double/infer", _DOUBLE_JSON)
+    assert status == 200 and json.loads(body)["outputs"][0]["data"] == [0, 2, 4, 6]
+    assert _plain_http_fails(port)
+    import gevent.ssl
+
+    def trusting_the_test_ca(*args: object, **kwargs: object) -> ssl.SSLContext:
+        return gevent.ssl.create_default_context(cafile=str(certificates.ca))
+
+    with (
+        warnings.catch_warnings(),  # geventhttpclient 2.0 calls ssl.match_hostname
+        http_client(
+            f"localhost:{port}", ssl=True, ssl_context_factory=trusting_the_test_ca
+        ) as client,
+    ):
+        warnings.simplefilter("ignore", DeprecationWarning)
+        assert client.is_server_ready()
 
 
 def test_plaintext_client_is_refused_when_tls_is_on(tls_server: ServerThread) -> None:
@@ -216,6 +281,17 @@ def test_mutual_tls_serves_a_client_with_a_trusted_certificate(
         str(certificates.client.key),
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_mutual_tls_over_https(mtls_server: ServerThread, certificates: Certificates) -> None:
+    port = mtls_server.server.http_port
+    status, _ = _https(
+        port, certificates, "POST", "/v2/models/double/infer", _DOUBLE_JSON, certificates.client
+    )
+    assert status == 200
+    for pair in (None, certificates.rogue_client):
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            _https(port, certificates, "GET", "/v2/health/live", client=pair)
 
 
 @pytest.mark.parametrize("who", ["no certificate", "certificate from another CA"])
@@ -293,6 +369,39 @@ def test_management_needs_the_admin_token(token_server: ServerThread) -> None:
         with pytest.raises(InferenceServerException) as admin_for_inference:
             _double(client, headers=_bearer(ADMIN_TOKEN))
         assert admin_for_inference.value.status() == "StatusCode.UNAUTHENTICATED"
+
+
+def test_tokens_over_http(token_server: ServerThread) -> None:
+    url = token_server.http_url
+    host, port = url.split(":")
+
+    def call(method: str, path: str, body: str | None = None, token: str | None = None):  # type: ignore[no-untyped-def]
+        connection = http.client.HTTPConnection(host, int(port), timeout=10)
+        try:
+            connection.request(method, path, body=body, headers=_bearer(token) if token else {})
+            response = connection.getresponse()
+            return response.status, dict(response.getheaders()), response.read().decode()
+        finally:
+            connection.close()
+
+    status, headers, body = call("POST", "/v2/models/double/infer", _DOUBLE_JSON)
+    assert status == 401 and headers.get("www-authenticate") == "Bearer"
+    assert "authorization: Bearer <token>" in body
+    assert call("POST", "/v2/models/double/infer", _DOUBLE_JSON, INFERENCE_TOKEN)[0] == 200
+    status, _, body = call("POST", "/v2/models/double/infer", _DOUBLE_JSON, INFERENCE_TOKEN[:-1])
+    assert status == 401 and INFERENCE_TOKEN[:-1] not in body
+    assert call("GET", "/v2/models/double")[0] == 401  # metadata is an inference call too
+    # Probes need no secret.
+    assert call("GET", "/v2/health/ready")[0] == 200 and call("GET", "/v2/health/live")[0] == 200
+    assert call("POST", "/v2/repository/models/double/load", "{}", INFERENCE_TOKEN)[0] == 403
+    assert call("POST", "/v2/repository/models/double/unload", "{}", ADMIN_TOKEN)[0] not in (
+        401,
+        403,
+    )
+    with http_client(url) as client:
+        assert client.get_model_metadata("double", headers=_bearer(INFERENCE_TOKEN))["name"] == (
+            "double"
+        )
 
 
 def test_tokens_never_reach_the_log_or_the_settings_repr(repository: Path) -> None:
@@ -401,6 +510,18 @@ def test_front_end_processes_speak_tls(repository: Path, certificates: Certifica
             pytest.raises(InferenceServerException),
         ):
             plaintext.is_server_live(client_timeout=5)
+        http_port = server.http_port()
+        for _ in range(4):
+            status, _ = _https(
+                http_port,
+                certificates,
+                "POST",
+                "/v2/models/double/infer",
+                _DOUBLE_JSON,
+                certificates.client,
+            )
+            assert status == 200
+        assert _plain_http_fails(http_port)
     finally:
         server.process.send_signal(signal.SIGTERM)
         assert server.wait_exit() == 0, server.log

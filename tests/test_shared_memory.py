@@ -17,11 +17,12 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
 import tritonclient.utils.shared_memory as shm
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException, serialize_byte_tensor
 
-from tests.conftest import ServerThread, serve
+from tests.conftest import ServerThread, http_client, serve
 
 PREFIX = f"bwtest{os.getpid()}"
 
@@ -431,3 +432,41 @@ def test_cuda_regions_none_but_clean_up_succeeds(client: grpcclient.InferenceSer
     with pytest.raises(InferenceServerException) as refused:
         client.register_cuda_shared_memory("gpu", b"\0" * 64, 0, 1024)
     assert refused.value.status() == "StatusCode.UNIMPLEMENTED"
+
+
+def test_over_http(shm_server: ServerThread) -> None:
+    """The same extension through tritonclient.http: register, mixed inline and shared
+    inputs, an output written to a region, status, errors, unregister."""
+    a, b = rows(2), rows(2, 7.0)
+    size = a.nbytes
+    with (
+        http_client(shm_server.http_url) as client,
+        region("hin", size) as inputs,
+        region("hout", size) as outputs,
+    ):
+        shm.set_shared_memory_region(inputs, [a])
+        client.register_system_shared_memory("hin", key("hin"), size)
+        client.register_system_shared_memory("hout", key("hout"), size)
+        status = {entry["name"]: entry for entry in client.get_system_shared_memory_status()}
+        assert status["hin"] == {"name": "hin", "key": key("hin"), "offset": 0, "byte_size": size}
+        with pytest.raises(InferenceServerException) as taken:
+            client.register_system_shared_memory("hin", key("hin"), size)
+        assert taken.value.status() == "400" and "already" in taken.value.message()
+        in0 = httpclient.InferInput("INPUT0", [2, 16], "FP32")
+        in0.set_shared_memory("hin", size)
+        in1 = httpclient.InferInput("INPUT1", [2, 16], "FP32")
+        in1.set_data_from_numpy(b)
+        out0 = httpclient.InferRequestedOutput("OUTPUT0")
+        out0.set_shared_memory("hout", size)
+        out1 = httpclient.InferRequestedOutput("OUTPUT1", binary_data=False)
+        result = client.infer("add_sub", [in0, in1], outputs=[out0, out1])
+        np.testing.assert_array_equal(result.as_numpy("OUTPUT1"), a - b)
+        written = shm.get_contents_as_numpy(outputs, np.float32, [2, 16])
+        np.testing.assert_array_equal(written, a + b)
+        in0.set_shared_memory("hin", size, offset=8)
+        with pytest.raises(InferenceServerException) as outside:
+            client.infer("add_sub", [in0, in1])
+        assert outside.value.status() == "400" and "INPUT0" in outside.value.message()
+        client.unregister_system_shared_memory("hin")
+        client.unregister_system_shared_memory()
+        assert client.get_system_shared_memory_status() == []

@@ -61,27 +61,31 @@ def parameter_to_json(parameter: pb.InferParameter) -> Any:
     return None if choice is None else getattr(parameter, choice)
 
 
-def parameter_from_json(where: str, value: Any) -> pb.InferParameter:
-    """A JSON parameter value as the InferParameter gRPC would have carried."""
-    parameter = pb.InferParameter()
+def parameter_from_json(where: str, value: Any, target: Message | None = None) -> pb.InferParameter:
+    """A JSON parameter value as the parameter message gRPC would have carried: an
+    InferParameter, or `target` (a ModelRepositoryParameter has no double or uint64)."""
+    parameter: Any = pb.InferParameter() if target is None else target
+    fields = parameter.DESCRIPTOR.fields_by_name
     if isinstance(value, bool):
         parameter.bool_param = value
+    elif isinstance(value, int) and _INT64_MIN <= value <= _INT64_MAX:
+        parameter.int64_param = value
+    elif isinstance(value, int) and 0 <= value <= _UINT64_MAX and "uint64_param" in fields:
+        parameter.uint64_param = value
     elif isinstance(value, int):
-        if _INT64_MIN <= value <= _INT64_MAX:
-            parameter.int64_param = value
-        elif 0 <= value <= _UINT64_MAX:
-            parameter.uint64_param = value
-        else:
-            raise InvalidInputError(f"{where} is {value}, outside the 64-bit integer range")
-    elif isinstance(value, float):
+        raise InvalidInputError(f"{where} is {value}, outside the 64-bit integer range")
+    elif isinstance(value, float) and "double_param" in fields:
         parameter.double_param = value
     elif isinstance(value, str):
         parameter.string_param = value
     else:
-        raise InvalidInputError(
-            f"{where} is a JSON {json_kind(value)}; parameters are booleans, numbers or strings"
+        expected = (
+            "booleans, numbers or strings"
+            if "double_param" in fields
+            else ("booleans, integers or strings")
         )
-    return parameter
+        raise InvalidInputError(f"{where} is a JSON {json_kind(value)}; parameters are {expected}")
+    return parameter  # type: ignore[no-any-return]
 
 
 def json_kind(value: Any) -> str:

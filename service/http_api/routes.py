@@ -305,7 +305,7 @@ class HttpApi:
         if not isinstance(given, dict):
             raise InvalidInputError("'parameters' must be a JSON object")
         for key, value in given.items():
-            target[key].CopyFrom(parameter_from_json(f"parameter '{key[:80]}'", value))
+            parameter_from_json(f"parameter '{key[:80]}'", value, target[key])
 
     # ------------------------------------------------------ shared memory ---
 
