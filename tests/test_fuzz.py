@@ -11,7 +11,10 @@ sends at least FUZZ_REQUESTS requests.
 
 from __future__ import annotations
 
+import http.client
+import json
 import struct
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -359,5 +362,186 @@ def test_damaged_wire_bytes_get_client_errors(
     with grpc.insecure_channel(fuzz_server.url) as channel:
         _damaged(channel.unary_unary("/inference.GRPCInferenceService/ModelInfer"))
     assert len(damaged_sent) >= DAMAGED_REQUESTS
+    with fuzz_server.client() as client:
+        assert client.is_server_live() and client.is_server_ready()
+
+
+# ---------------------------------------------------------------- over HTTP ---
+
+HTTP_REQUESTS = 1000
+HTTP_CLIENT_ERRORS = {400, 404, 413, 415, 501}
+http_sent: list[int] = []
+
+
+class _Connection:
+    """One keep-alive HTTP connection, reopened when the server closes it."""
+
+    def __init__(self, url: str) -> None:
+        self._host, port = url.split(":")
+        self._port = int(port)
+        self._connection: http.client.HTTPConnection | None = None
+
+    def post(
+        self, path: str, body: bytes, headers: dict[str, str]
+    ) -> tuple[int, dict[str, str], bytes]:
+        for attempt in range(2):
+            if self._connection is None:
+                self._connection = http.client.HTTPConnection(self._host, self._port, timeout=30)
+            try:
+                self._connection.request("POST", path, body=body, headers=headers)
+                response = self._connection.getresponse()
+                answer = response.read()
+                found = {key.lower(): value for key, value in response.getheaders()}
+                if found.get("connection") == "close":
+                    self.close()
+                return response.status, found, answer
+            except (ConnectionError, http.client.HTTPException):
+                self.close()
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+
+
+def _http_body(request: Request) -> tuple[bytes, dict[str, str]]:
+    """The plan's request in the HTTP protocol: raw entries as binary data after the JSON,
+    typed contents as JSON data, the same mistakes."""
+    inputs, payload = [], []
+    raw = list(request.raw_input_contents)
+    for position, tensor in enumerate(request.inputs):
+        entry: dict[str, object] = {
+            "name": tensor.name,
+            "datatype": tensor.datatype,
+            "shape": list(tensor.shape),
+        }
+        typed = tensor.contents.ListFields()
+        if typed:
+            values = list(typed[0][1])
+            entry["data"] = [v.decode("latin-1") if isinstance(v, bytes) else v for v in values]
+        elif position < len(raw):
+            entry["parameters"] = {"binary_data_size": len(raw[position])}
+            payload.append(raw[position])
+        inputs.append(entry)
+    document: dict[str, object] = {"id": request.id, "inputs": inputs}
+    if request.outputs:
+        document["outputs"] = [
+            {"name": output.name, "parameters": {"binary_data": True}} for output in request.outputs
+        ]
+    parameters = {
+        key: getattr(value, value.WhichOneof("parameter_choice") or "bool_param")
+        for key, value in request.parameters.items()
+    }
+    parameters.setdefault("binary_data_output", True)
+    if not isinstance(parameters["binary_data_output"], bool):
+        parameters["binary_data_output"] = True
+    document["parameters"] = parameters
+    header = json.dumps(document).encode()
+    return header + b"".join(payload), {"Inference-Header-Content-Length": str(len(header))}
+
+
+def _http_outputs(headers: dict[str, str], body: bytes) -> dict[str, np.ndarray]:
+    length = int(headers.get("inference-header-content-length", len(body)))
+    document = json.loads(body[:length])
+    offset, decoded = length, {}
+    for output in document["outputs"]:
+        size = output["parameters"]["binary_data_size"]
+        raw = body[offset : offset + size]
+        offset += size
+        response = service_pb2.ModelInferResponse()
+        response.outputs.add(
+            name=output["name"], datatype=output["datatype"], shape=output["shape"]
+        )
+        response.raw_output_contents.append(raw)
+        decoded.update(_decode(response))
+    return decoded
+
+
+@settings(
+    max_examples=HTTP_REQUESTS // REQUESTS_PER_EXAMPLE,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(batch=st.lists(plans(), min_size=REQUESTS_PER_EXAMPLE, max_size=REQUESTS_PER_EXAMPLE))
+def _fuzz_http(connection: _Connection, batch: list[Plan]) -> None:
+    for plan in batch:
+        http_sent.append(1)
+        body, headers = _http_body(plan.request)
+        model = urllib.parse.quote(plan.request.model_name, safe="")
+        version = plan.request.model_version
+        path = (
+            f"/v2/models/{model}"
+            + (f"/versions/{urllib.parse.quote(version, safe='')}" if version else "")
+            + "/infer"
+        )
+        status, answer_headers, answer = connection.post(path, body, headers)
+        if status != 200:
+            assert status in HTTP_CLIENT_ERRORS, (status, answer[:300], plan.request)
+            assert json.loads(answer)["error"], f"{status} without a message"
+            assert plan.expected is None, (status, answer[:300], plan.request)
+            continue
+        assert not plan.must_fail, ("accepted a request that must fail", plan.request)
+        outputs = _http_outputs(answer_headers, answer)
+        if plan.expected is not None:
+            assert set(outputs) == set(plan.expected)
+            for name, array in plan.expected.items():
+                np.testing.assert_array_equal(outputs[name], array)
+
+
+@settings(
+    max_examples=DAMAGED_REQUESTS,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(
+    plan=plans(),
+    flips=st.lists(st.tuples(st.integers(0, 2**16), st.integers(0, 255)), max_size=4),
+    cut=st.integers(0, 40),
+    header_length=st.one_of(
+        st.none(), st.integers(-5, 2**70).map(str), st.sampled_from(["", " 1", "0x10", "١"])
+    ),
+    encoding=st.sampled_from([None, "gzip", "deflate", "identity", "zstd"]),
+)
+def _damaged_http(
+    connection: _Connection,
+    plan: Plan,
+    flips: list[tuple[int, int]],
+    cut: int,
+    header_length: str | None,
+    encoding: str | None,
+) -> None:
+    body, headers = _http_body(plan.request)
+    damaged = bytearray(body)
+    for offset, value in flips:
+        if damaged:
+            damaged[offset % len(damaged)] = value
+    sent_headers: dict[str, str | bytes] = dict(headers)
+    if header_length is not None:  # as bytes: any character, as a hostile client may send
+        sent_headers["Inference-Header-Content-Length"] = header_length.encode()
+    if encoding is not None:
+        sent_headers["Content-Encoding"] = encoding
+    damaged_sent.append(1)
+    status, _, answer = connection.post(
+        "/v2/models/numeric/infer", bytes(damaged[: len(damaged) - cut]), sent_headers
+    )
+    if status != 200:
+        assert status in HTTP_CLIENT_ERRORS, (status, answer[:300])
+        assert json.loads(answer)["error"]
+
+
+def test_http_requests_never_crash_the_server_or_answer_500(
+    fuzz_server: ServerThread | FrontendsServer,
+) -> None:
+    """The same plans as JSON and binary HTTP bodies, then damaged ones: only 4xx/501."""
+    connection = _Connection(fuzz_server.http_url)
+    try:
+        _fuzz_http(connection)
+        _damaged_http(connection)
+    finally:
+        connection.close()
+    assert len(http_sent) >= HTTP_REQUESTS
     with fuzz_server.client() as client:
         assert client.is_server_live() and client.is_server_ready()

@@ -71,7 +71,11 @@ class _EmbeddedServer(uvicorn.Server):
 
 def _listening_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP named, and TCP_NODELAY set here (accepted sockets inherit it): asyncio sets
+    # no-delay only on sockets that name the protocol, and an answer's headers and body are
+    # two writes, which Nagle's algorithm would hold for the client's delayed ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if reuse_port:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
