@@ -93,7 +93,7 @@ def test_compose_stack_is_valid_and_wired_as_documented() -> None:
     }
     assert published == {
         "server": [],
-        "lb": ["8001"],
+        "lb": ["8001", "8000"],
         "prometheus": ["9090"],
         "grafana": ["3000"],
     }
@@ -178,7 +178,7 @@ def test_kubernetes_manifests_pass_strict_schema_validation() -> None:
 
 def test_schema_validation_rejects_a_wrong_manifest() -> None:
     deployment = copy.deepcopy(_by_kind("Deployment"))
-    deployment["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["grpc"]["port"] = (
+    deployment["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["grpc"]["port"] = (
         "grpc"
     )
     with pytest.raises(kubernetes_validate.ValidationError):
@@ -208,9 +208,15 @@ def test_kubernetes_manifests_agree_with_each_other_and_the_image() -> None:
     [container] = pod["spec"]["containers"]
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
     settings = _server_settings(container)
-    assert ports == {"grpc": settings.grpc_port, "metrics": settings.metrics_port}
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+    assert ports == {
+        "http": settings.http_port,
+        "grpc": settings.grpc_port,
+        "metrics": settings.metrics_port,
+    }
+    for probe in ("startupProbe", "livenessProbe"):
         assert container[probe]["grpc"]["port"] == settings.grpc_port
+    # Readiness over HTTP: the server's own route (the metrics port would answer 404).
+    assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
     assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(settings.metrics_port)
     # The image's numeric user (deploy/Dockerfile) is what runAsNonRoot verifies.
     assert "USER 10001:10001" in (DEPLOY / "Dockerfile").read_text()
@@ -274,9 +280,16 @@ def test_kserve_runtime_and_inference_service() -> None:
         settings.metrics_port
     )
 
-    service = _by_kind("InferenceService")
-    assert service["apiVersion"] == "serving.kserve.io/v1beta1"
-    model = service["spec"]["predictor"]["model"]
-    assert model["runtime"] == runtime["metadata"]["name"]
-    assert model["modelFormat"]["name"] in formats
-    assert model["protocolVersion"] in spec["protocolVersions"]
+    services = [document for _, document in _manifests() if document["kind"] == "InferenceService"]
+    assert {service["spec"]["predictor"]["model"]["protocolVersion"] for service in services} == {
+        "grpc-v2",
+        "v2",
+    }
+    for service in services:
+        assert service["apiVersion"] == "serving.kserve.io/v1beta1"
+        model = service["spec"]["predictor"]["model"]
+        assert model["runtime"] == runtime["metadata"]["name"]
+        assert model["modelFormat"]["name"] in formats
+        assert model["protocolVersion"] in spec["protocolVersions"]
+        if model["protocolVersion"] == "v2":  # REST goes to the runtime's HTTP port
+            assert [port["containerPort"] for port in model["ports"]] == [settings.http_port]

@@ -60,6 +60,7 @@ class Stack:
     override: Path
     grpc_port: int
     prometheus_port: int
+    http_port: int
 
     def compose(
         self, *args: str, timeout: float = 600, check: bool = True
@@ -80,6 +81,7 @@ class Stack:
             "BIND_ADDRESS": "127.0.0.1",
             "MONITORING_BIND_ADDRESS": "127.0.0.1",
             "GRPC_PORT": str(self.grpc_port),
+            "HTTP_PORT": str(self.http_port),
             "PROMETHEUS_PORT": str(self.prometheus_port),
         }
         result = subprocess.run(
@@ -169,7 +171,7 @@ def stack(engine: DockerEngine, tmp_path_factory: pytest.TempPathFactory) -> Ite
         "    pull_policy: never\n"
     )
     client = docker.DockerClient(base_url=engine.host, version=DOCKER_API_VERSION, timeout=600)
-    stack = Stack(engine, client, override, _free_port(), _free_port())
+    stack = Stack(engine, client, override, _free_port(), _free_port(), _free_port())
     try:
         stack.compose("build", "server")
         # Grafana has no Debian package and cannot be pulled here: start the rest.
@@ -198,7 +200,7 @@ def test_image_is_small_non_root_and_has_no_training_stack(
     config = image.attrs["Config"]
     assert config["User"] == "10001:10001"
     assert config["Healthcheck"]["Test"][:3] == ["CMD", "batchwise", "health"]
-    assert set(config["ExposedPorts"]) == {"8001/tcp", "8002/tcp"}
+    assert set(config["ExposedPorts"]) == {"8000/tcp", "8001/tcp", "8002/tcp"}
     assert "BATCHWISE_MODEL_REPOSITORY=/models" in config["Env"]
     # torch alone is larger than this; the Debian base is ~220 MB of it.
     assert image.attrs["Size"] < 600 * 2**20, image.attrs["Size"]
@@ -227,6 +229,32 @@ def test_inference_through_the_balancer_lands_on_every_replica(stack: Stack) -> 
             result = client.infer("add_sub", _add_sub_inputs(float(index)))
             np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), np.full((1, 16), 2 * index))
             np.testing.assert_array_equal(result.as_numpy("OUTPUT1"), np.zeros((1, 16)))
+    after = [_replica_requests(replica, "add_sub") for replica in stack.replicas()]
+    landed = [now - then for now, then in zip(after, before, strict=True)]
+    assert sum(landed) == sent
+    assert all(count > 0 for count in landed), f"requests per replica: {landed}"
+
+
+def test_http_through_the_balancer_lands_on_every_replica(stack: Stack) -> None:
+    """curl-style JSON requests to the published HTTP port, spread over the replicas."""
+    before = [_replica_requests(replica, "add_sub") for replica in stack.replicas()]
+    base = f"http://127.0.0.1:{stack.http_port}"
+    with urllib.request.urlopen(f"{base}/v2/health/ready", timeout=10) as page:
+        assert page.status == 200
+    sent = 40
+    for index in range(sent):
+        document = {
+            "inputs": [
+                {"name": name, "datatype": "FP32", "shape": [1, 16], "data": [index] * 16}
+                for name in ("INPUT0", "INPUT1")
+            ]
+        }
+        request = urllib.request.Request(
+            f"{base}/v2/models/add_sub/infer", data=json.dumps(document).encode(), method="POST"
+        )
+        with urllib.request.urlopen(request, timeout=30) as page:
+            outputs = {output["name"]: output["data"] for output in json.load(page)["outputs"]}
+        assert outputs == {"OUTPUT0": [2.0 * index] * 16, "OUTPUT1": [0.0] * 16}
     after = [_replica_requests(replica, "add_sub") for replica in stack.replicas()]
     landed = [now - then for now, then in zip(after, before, strict=True)]
     assert sum(landed) == sent
